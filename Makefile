@@ -1,0 +1,45 @@
+# pbxguard — two commands: `make run` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: run test lint typecheck unit bench bench-full clean install dev
+
+$(BIN)/pbxguard: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[speed]'
+	touch $@
+
+$(VENV)/.dev: $(BIN)/pbxguard
+	$(BIN)/python -m pip install --quiet -e '.[dev,speed]'
+	touch $@
+
+install: $(BIN)/pbxguard
+dev: $(VENV)/.dev
+
+# Creates the environment, starts (or re-attaches to) the embedded PostgreSQL, migrates, runs the daemon.
+run: $(BIN)/pbxguard
+	$(BIN)/pbxguard db migrate
+	exec $(BIN)/pbxguard run --log-format text
+
+lint: dev
+	$(BIN)/ruff check pbxguard tests bench
+
+typecheck: dev
+	$(BIN)/mypy --strict pbxguard
+
+# The tests start their own throwaway PostgreSQL cluster (and a private Asterisk when one is found).
+unit: dev
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+test: lint typecheck unit
+
+bench: dev
+	$(BIN)/python -m bench $(BENCH_ARGS)
+
+bench-full: dev
+	$(BIN)/python -m bench --full
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis build *.egg-info

@@ -1,0 +1,442 @@
+"""The ledger: PostgreSQL through asyncpg.
+
+`Ledger.decide` is the one round trip of a decision (the `pbxguard.decide` function).  Everything
+else here is the bookkeeping that operators, CRMs and dialers feed: campaigns, caller-ID
+authorisations, consents, contracts, refusals, oppositions, Bloctel cleanings, outcomes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from datetime import date, datetime
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+from pbxguard.ledger.migrate import migrate
+from pbxguard.ledger.pgcluster import LocalCluster
+from pbxguard.policy.model import Campaign, Purpose, Sector
+
+
+class StoreError(Exception):
+    """The ledger could not be reached or refused the request; calls are blocked."""
+
+
+class NotFoundError(StoreError):
+    pass
+
+
+def default_home() -> Path:
+    env = os.environ.get("PBXGUARD_HOME")
+    if env:
+        return Path(env)
+    if os.geteuid() == 0:
+        # /root is not traversable by the unprivileged account PostgreSQL runs as.
+        return Path("/var/lib/pbxguard")
+    return Path.home() / ".local" / "share" / "pbxguard"
+
+
+def embedded_cluster(home: str | Path | None = None) -> LocalCluster:
+    root = Path(home) if home else default_home()
+    return LocalCluster(root / "postgresql", port=5432, durable=True)
+
+
+DECIDE_SQL = """
+SELECT * FROM pbxguard.decide($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15,
+                              $16, $17, $18, $19, $20, $21, $22, $23, $24, $25)
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class DecideRequest:
+    decision_id: uuid.UUID
+    call_key: str | None
+    now: datetime
+    consumer: str
+    consumer_valid: bool
+    campaign: str
+    caller_id: str
+    caller_kind: str
+    auth_required: bool
+    gate: str
+    reserve: bool
+    shadow: bool
+    residence: str
+    static_reasons: Sequence[str]
+    hours_reasons: Sequence[str]
+    window_start: datetime
+    refusal_since: datetime
+    bloctel_since: date
+    today: date
+    consent_since: datetime | None
+    consent_regime: bool
+    cap: int
+    territories: Sequence[str]
+    zones: Sequence[str]
+    token: uuid.UUID | None
+
+    def args(self) -> tuple[Any, ...]:
+        return (
+            self.decision_id, self.call_key, self.now, self.consumer, self.consumer_valid,
+            self.campaign, self.caller_id, self.caller_kind, self.auth_required, self.gate,
+            self.reserve, self.shadow, self.residence, list(self.static_reasons),
+            list(self.hours_reasons), self.window_start, self.refusal_since, self.bloctel_since,
+            self.today, self.consent_since, self.consent_regime, self.cap, list(self.territories),
+            list(self.zones), self.token,
+        )  # fmt: skip
+
+
+class Ledger:
+    def __init__(self, pool: asyncpg.Pool, cluster: LocalCluster | None = None) -> None:
+        self.pool = pool
+        self.cluster = cluster
+
+    # -- connection ---------------------------------------------------------------------------
+
+    @classmethod
+    async def connect(
+        cls,
+        url: str = "",
+        *,
+        home: str | Path | None = None,
+        min_size: int = 2,
+        max_size: int = 20,
+        run_migrations: bool = True,
+    ) -> Ledger:
+        cluster = None
+        if not url:
+            cluster = embedded_cluster(home)
+            await asyncio.to_thread(cluster.start)
+            url = cluster.dsn()
+        try:
+            pool = await asyncpg.create_pool(
+                url,
+                min_size=min_size,
+                max_size=max_size,
+                command_timeout=30,
+                server_settings={"application_name": "pbxguard", "timezone": "UTC"},
+            )
+        except (OSError, asyncpg.PostgresError) as exc:
+            raise StoreError(f"cannot connect to PostgreSQL: {exc}") from None
+        assert pool is not None
+        ledger = cls(pool, cluster)
+        if run_migrations:
+            async with pool.acquire() as conn:
+                await migrate(conn)
+        return ledger
+
+    async def close(self) -> None:
+        await self.pool.close()
+
+    async def ping(self) -> bool:
+        try:
+            async with self.pool.acquire(timeout=1) as conn:
+                return bool(await conn.fetchval("SELECT true", timeout=1))
+        except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+            return False
+
+    @contextlib.asynccontextmanager
+    async def _conn(self) -> AsyncIterator[asyncpg.Connection]:
+        try:
+            async with self.pool.acquire() as conn:
+                yield conn
+        except (OSError, asyncpg.InterfaceError, asyncpg.ConnectionDoesNotExistError) as exc:
+            raise StoreError(f"ledger unavailable: {exc}") from None
+
+    # -- the decision ---------------------------------------------------------------------------
+
+    async def decide(self, request: DecideRequest) -> asyncpg.Record:
+        async with self._conn() as conn:
+            row = await conn.fetchrow(DECIDE_SQL, *request.args())
+        assert row is not None
+        return row
+
+    async def set_next_allowed(self, items: Sequence[tuple[str, uuid.UUID, datetime]]) -> None:
+        """Completes journal rows with the next legal instant the daemon computed after the fact."""
+        if not items:
+            return
+        async with self._conn() as conn:
+            await conn.execute(
+                """
+                UPDATE pbxguard.decisions d SET next_allowed_at = u.at
+                  FROM unnest($1::text[], $2::uuid[], $3::timestamptz[]) AS u(consumer, id, at)
+                 WHERE d.consumer = u.consumer AND d.id = u.id AND d.next_allowed_at IS NULL
+                """,
+                [i[0] for i in items],
+                [i[1] for i in items],
+                [i[2] for i in items],
+            )
+
+    # -- bookkeeping ----------------------------------------------------------------------------
+
+    async def add_campaign(self, campaign: Campaign) -> None:
+        async with self._conn() as conn, conn.transaction():
+            await conn.execute(
+                """
+                INSERT INTO pbxguard.order_givers (name, siren) VALUES ($1, $2)
+                ON CONFLICT (name) DO UPDATE SET siren = coalesce(EXCLUDED.siren, pbxguard.order_givers.siren)
+                """,
+                campaign.order_giver,
+                campaign.order_giver_siren,
+            )
+            await conn.execute(
+                """
+                INSERT INTO pbxguard.campaigns (id, order_giver, purpose, sector, automated, prerecorded, script_id)
+                VALUES ($1, $2, $3, $4, $5, $6, $7)
+                ON CONFLICT (id) DO UPDATE SET order_giver = EXCLUDED.order_giver,
+                    purpose = EXCLUDED.purpose, sector = EXCLUDED.sector,
+                    automated = EXCLUDED.automated, prerecorded = EXCLUDED.prerecorded,
+                    script_id = EXCLUDED.script_id, updated_at = now()
+                """,
+                campaign.id,
+                campaign.order_giver,
+                campaign.purpose.value,
+                campaign.sector.value,
+                campaign.automated,
+                campaign.prerecorded,
+                campaign.script_id,
+            )
+
+    async def campaigns(self) -> list[Campaign]:
+        async with self._conn() as conn:
+            rows = await conn.fetch(
+                """
+                SELECT c.*, o.siren FROM pbxguard.campaigns c
+                JOIN pbxguard.order_givers o ON o.name = c.order_giver ORDER BY c.id
+                """
+            )
+        return [campaign_from_row(row) for row in rows]
+
+    async def campaign(self, campaign_id: str) -> Campaign | None:
+        async with self._conn() as conn:
+            row = await conn.fetchrow(
+                """
+                SELECT c.*, o.siren FROM pbxguard.campaigns c
+                JOIN pbxguard.order_givers o ON o.name = c.order_giver WHERE c.id = $1
+                """,
+                campaign_id,
+            )
+        return campaign_from_row(row) if row else None
+
+    async def _require_order_giver(self, conn: asyncpg.Connection, name: str) -> None:
+        if not await conn.fetchval("SELECT true FROM pbxguard.order_givers WHERE name = $1", name):
+            raise NotFoundError(f"unknown order giver {name!r}: add a campaign for it first")
+
+    async def authorize_caller_id(
+        self, caller_id: str, order_giver: str, valid_from: date, valid_until: date | None, proof: str | None
+    ) -> int:
+        async with self._conn() as conn:
+            await self._require_order_giver(conn, order_giver)
+            value = await conn.fetchval(
+                """
+                INSERT INTO pbxguard.caller_id_authorizations (caller_id, order_giver, valid_from, valid_until, proof)
+                VALUES ($1, $2, $3, $4, $5) RETURNING id
+                """,
+                caller_id,
+                order_giver,
+                valid_from,
+                valid_until,
+                proof,
+            )
+        return int(value)
+
+    async def add_consent(
+        self,
+        consumer: str,
+        order_giver: str,
+        given_at: datetime,
+        *,
+        source: str | None = None,
+        proof: str | None = None,
+        wording: str | None = None,
+        off_hours: bool = False,
+    ) -> int:
+        async with self._conn() as conn:
+            await self._require_order_giver(conn, order_giver)
+            value = await conn.fetchval(
+                """
+                INSERT INTO pbxguard.consents (consumer, order_giver, given_at, source, proof, wording, off_hours)
+                VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id
+                """,
+                consumer,
+                order_giver,
+                given_at,
+                source,
+                proof,
+                wording,
+                off_hours,
+            )
+        return int(value)
+
+    async def revoke_consent(self, consumer: str, order_giver: str, at: datetime) -> int:
+        async with self._conn() as conn:
+            result = await conn.execute(
+                """
+                UPDATE pbxguard.consents SET revoked_at = $3
+                 WHERE consumer = $1 AND order_giver = $2 AND (revoked_at IS NULL OR revoked_at > $3)
+                """,
+                consumer,
+                order_giver,
+                at,
+            )
+        return int(result.split()[-1])
+
+    async def add_contract(self, consumer: str, order_giver: str, until: date, reference: str | None) -> int:
+        async with self._conn() as conn:
+            await self._require_order_giver(conn, order_giver)
+            value = await conn.fetchval(
+                """
+                INSERT INTO pbxguard.contracts (consumer, order_giver, until, reference)
+                VALUES ($1, $2, $3, $4) RETURNING id
+                """,
+                consumer,
+                order_giver,
+                until,
+                reference,
+            )
+        return int(value)
+
+    async def add_refusal(self, consumer: str, order_giver: str, at: datetime, source: str | None) -> int:
+        async with self._conn() as conn:
+            await self._require_order_giver(conn, order_giver)
+            value = await conn.fetchval(
+                """
+                INSERT INTO pbxguard.refusals (consumer, order_giver, refused_at, source)
+                VALUES ($1, $2, $3, $4) RETURNING id
+                """,
+                consumer,
+                order_giver,
+                at,
+                source,
+            )
+        return int(value)
+
+    async def add_opposition(
+        self, consumer: str, order_giver: str | None, at: datetime, source: str | None
+    ) -> int:
+        async with self._conn() as conn:
+            if order_giver is not None:
+                await self._require_order_giver(conn, order_giver)
+            value = await conn.fetchval(
+                """
+                INSERT INTO pbxguard.oppositions (consumer, order_giver, opposed_at, source)
+                VALUES ($1, $2, $3, $4) RETURNING id
+                """,
+                consumer,
+                order_giver,
+                at,
+                source,
+            )
+        return int(value)
+
+    async def set_residence(self, consumer: str, territory: str | None, departement: str | None) -> None:
+        async with self._conn() as conn:
+            if territory is None and departement is None:
+                await conn.execute("DELETE FROM pbxguard.consumers WHERE consumer = $1", consumer)
+                return
+            await conn.execute(
+                """
+                INSERT INTO pbxguard.consumers (consumer, territory, departement) VALUES ($1, $2, $3)
+                ON CONFLICT (consumer) DO UPDATE SET territory = EXCLUDED.territory,
+                    departement = EXCLUDED.departement, updated_at = now()
+                """,
+                consumer,
+                territory,
+                departement,
+            )
+
+    async def import_bloctel(
+        self, numbers: Sequence[str], order_giver: str, cleaned_on: date, status: str, filename: str | None
+    ) -> int:
+        """One transaction: the file is imported whole or not at all.  COPY into a staging table."""
+        async with self._conn() as conn, conn.transaction():
+            await self._require_order_giver(conn, order_giver)
+            cleaning_id = await conn.fetchval(
+                """
+                INSERT INTO pbxguard.bloctel_cleanings (order_giver, cleaned_on, status, filename, row_count)
+                VALUES ($1, $2, $3, $4, $5) RETURNING id
+                """,
+                order_giver,
+                cleaned_on,
+                status,
+                filename,
+                len(numbers),
+            )
+            await conn.execute("CREATE TEMP TABLE bloctel_import (consumer text) ON COMMIT DROP")
+            await conn.copy_records_to_table("bloctel_import", records=[(n,) for n in numbers])
+            await conn.execute(
+                """
+                INSERT INTO pbxguard.bloctel_status (consumer, order_giver, status, cleaned_on, cleaning_id)
+                SELECT DISTINCT consumer, $1::text, $2::text, $3::date, $4::bigint FROM bloctel_import
+                ON CONFLICT (consumer, order_giver) DO UPDATE
+                   SET status = EXCLUDED.status, cleaned_on = EXCLUDED.cleaned_on,
+                       cleaning_id = EXCLUDED.cleaning_id
+                 WHERE pbxguard.bloctel_status.cleaned_on <= EXCLUDED.cleaned_on
+                """,
+                order_giver,
+                status,
+                cleaned_on,
+                cleaning_id,
+            )
+        return int(cleaning_id)
+
+    async def record_outcome(
+        self, decision_id: uuid.UUID, outcome: str, at: datetime, duration_s: int | None
+    ) -> bool:
+        async with self._conn() as conn, conn.transaction():
+            await conn.execute(
+                """
+                UPDATE pbxguard.attempts SET outcome = $2, outcome_at = $3, duration_s = $4
+                 WHERE decision_id = $1 AND outcome IS NULL
+                """,
+                decision_id,
+                outcome,
+                at,
+                duration_s,
+            )
+            result = await conn.execute(
+                """
+                UPDATE pbxguard.decisions SET outcome = $2, outcome_at = $3, duration_s = $4
+                 WHERE id = $1 AND outcome IS NULL
+                """,
+                decision_id,
+                outcome,
+                at,
+                duration_s,
+            )
+        return str(result).endswith(" 1")
+
+    async def attempts_count(self, consumer: str, order_giver: str) -> int:
+        async with self._conn() as conn:
+            value = await conn.fetchval(
+                "SELECT count(*) FROM pbxguard.attempts WHERE consumer = $1 AND order_giver = $2",
+                consumer,
+                order_giver,
+            )
+        return int(value)
+
+    async def decision(self, decision_id: uuid.UUID) -> asyncpg.Record | None:
+        async with self._conn() as conn:
+            row: asyncpg.Record | None = await conn.fetchrow(
+                "SELECT * FROM pbxguard.decisions WHERE id = $1", decision_id
+            )
+        return row
+
+
+def campaign_from_row(row: asyncpg.Record) -> Campaign:
+    return Campaign(
+        id=row["id"],
+        order_giver=row["order_giver"],
+        purpose=Purpose(row["purpose"]),
+        sector=Sector(row["sector"]),
+        automated=row["automated"],
+        prerecorded=row["prerecorded"],
+        order_giver_siren=row["siren"],
+        script_id=row["script_id"],
+    )

@@ -1,0 +1,177 @@
+"""The daemon: wires the ledger, the guard, the HTTP endpoints and the gates; shuts down cleanly.
+
+The ledger link is supervised: if PostgreSQL is not there at start-up or goes away, the daemon stays
+up, every decision blocks with STORE_UNAVAILABLE, `/readyz` says so, and it reconnects with capped
+exponential backoff.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+from pbxguard import logs
+from pbxguard.config import Config, parse_listen
+from pbxguard.guard import Guard
+from pbxguard.ledger.store import Ledger
+from pbxguard.policy import numbers
+
+log = logging.getLogger("pbxguard.daemon")
+
+
+@dataclass
+class Daemon:
+    config: Config
+    guard: Guard = field(init=False)
+    ledger: Ledger | None = None
+    ledger_ready: bool = False
+    # name -> callable telling whether that component is ready (gates register here)
+    readiness: dict[str, Callable[[], bool]] = field(default_factory=dict)
+    _tasks: list[asyncio.Task[Any]] = field(default_factory=list)
+    _runner: web.AppRunner | None = None
+    _cleanups: list[Callable[[], Any]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.guard = Guard(
+            None, self.config.policy, self.config.mode, timeout=self.config.database.timeout_ms / 1000
+        )
+
+    async def _connect_once(self) -> bool:
+        try:
+            self.ledger = await Ledger.connect(
+                self.config.database.url,
+                home=self.config.database.home or None,
+                min_size=self.config.database.pool_min,
+                max_size=self.config.database.pool_max,
+            )
+        except Exception as exc:
+            log.warning("ledger not reachable, calls are blocked: %s", exc)
+            return False
+        self.guard.ledger = self.ledger
+        self.ledger_ready = True
+        log.info("ledger connected")
+        return True
+
+    async def _connect_ledger(self) -> None:
+        delay = 0.2
+        while not await self._connect_once():
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+    async def _watch_ledger(self) -> None:
+        while True:
+            ready = self.ledger is not None and await self.ledger.ping()
+            if ready != self.ledger_ready:
+                log.info("ledger %s", "ready" if ready else "unreachable")
+            self.ledger_ready = ready
+            await asyncio.sleep(1.0)
+
+    def ready_state(self) -> dict[str, bool]:
+        state = {"ledger": self.ledger_ready}
+        state.update({name: check() for name, check in self.readiness.items()})
+        return state
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "alive"})
+
+    async def readyz(self, request: web.Request) -> web.Response:
+        state = self.ready_state()
+        ok = all(state.values())
+        return web.json_response({"ready": ok, "checks": state}, status=200 if ok else 503)
+
+    def http_app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get("/healthz", self.healthz)
+        app.router.add_get("/readyz", self.readyz)
+        return app
+
+    async def start(self) -> None:
+        numbers.warm_up()
+        await self._connect_ledger_first()
+        self._tasks.append(asyncio.create_task(self._watch_ledger(), name="ledger-watch"))
+        self._tasks.append(asyncio.create_task(self.guard.run_flusher(), name="journal-completer"))
+        host, port = parse_listen("http.listen", self.config.http.listen)
+        self._runner = web.AppRunner(self.http_app(), access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host, port)
+        await site.start()
+        log.info("http listening", extra={"fields": {"listen": self.config.http.listen}})
+        await self._start_gates()
+
+    async def _start_gates(self) -> None:
+        """Each gate translates its protocol into Guard.decide(); none of them decides."""
+        gates: list[tuple[str, Any]] = []
+        if self.config.gates.ami.listen:
+            from pbxguard.gates.ami_proxy import AmiGate
+
+            gates.append(("ami", AmiGate(self.config, self.guard)))
+        if self.config.gates.agi.listen:
+            from pbxguard.gates.fastagi import FastAgiGate
+
+            gates.append(("agi", FastAgiGate(self.config, self.guard)))
+        if self.config.asterisk.ari.url:
+            from pbxguard.gates.ari import AriGate
+
+            gates.append(("ari", AriGate(self.config, self.guard)))
+        for name, gate in gates:
+            await gate.start()
+            self._cleanups.append(gate.stop)
+            self.readiness[name] = gate.ready
+            log.info("gate started", extra={"fields": {"gate": name}})
+
+    async def _connect_ledger_first(self) -> None:
+        if not await self._connect_once():
+            self._tasks.append(asyncio.create_task(self._connect_ledger(), name="ledger-connect"))
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        for cleanup in reversed(self._cleanups):
+            with contextlib.suppress(Exception):
+                result = cleanup()
+                if asyncio.iscoroutine(result):
+                    await result
+        if self._runner is not None:
+            await self._runner.cleanup()
+        await self.guard.flush()
+        if self.ledger is not None:
+            await self.ledger.close()
+
+
+async def serve(config: Config, stop: asyncio.Event | None = None) -> None:
+    daemon = Daemon(config)
+    stop_event = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop_event.set)
+    await daemon.start()
+    log.info("pbxguard running", extra={"fields": {"mode": config.mode.value}})
+    try:
+        await stop_event.wait()
+    finally:
+        log.info("shutting down")
+        await daemon.stop()
+        log.info("stopped")
+
+
+def run_daemon(config: Config, log_format: str | None = None) -> int:
+    logs.configure(log_format or config.log.format, config.log.level)
+    try:
+        import uvloop  # optional speed-up
+
+        uvloop.install()
+    except ImportError:
+        pass
+    asyncio.run(serve(config))
+    return 0

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import sys
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, date, datetime
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 from zoneinfo import ZoneInfo
 
 from pbxguard import config as config_module
@@ -25,12 +26,14 @@ from pbxguard.ledger.store import Ledger, StoreError
 from pbxguard.policy.model import (
     TERRITORY_ZONES,
     CallAttempt,
+    CallerIdKind,
     Campaign,
     Decision,
     Purpose,
     Sector,
 )
-from pbxguard.policy.numbers import parse_destination
+from pbxguard.policy.numbers import classify_caller_id, parse_destination
+from pbxguard.policy.settings import AuthorizationScope
 
 PARIS = ZoneInfo("Europe/Paris")
 EXIT_OK, EXIT_BLOCKED, EXIT_ERROR = 0, 1, 2
@@ -41,6 +44,11 @@ class UsageError(Exception):
 
 
 class Parser(argparse.ArgumentParser):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # --json is accepted before or after the subcommand.
+        self.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output")
+
     def error(self, message: str) -> NoReturn:
         sys.stderr.write(f"{self.prog}: error: {message}\n")
         raise SystemExit(EXIT_ERROR)
@@ -112,7 +120,7 @@ def build_parser() -> Parser:
     parser.add_argument(
         "--config", help="configuration file (default: $PBXGUARD_CONFIG, /etc/pbxguard/pbxguard.toml)"
     )
-    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    parser.set_defaults(json=False)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     run = sub.add_parser("run", help="run the daemon")
@@ -213,7 +221,7 @@ def build_parser() -> Parser:
     )
 
     check = sub.add_parser("check", help="decide one call")
-    check.add_argument("number")
+    check.add_argument("number", type=number_arg)
     check.add_argument("--campaign", required=True)
     check.add_argument("--caller-id", required=True)
     check.add_argument("--at", type=instant_arg, help="time of the call (default: now)")
@@ -221,7 +229,7 @@ def build_parser() -> Parser:
     check.add_argument("--call-key", help="idempotency key (a replay returns the first decision)")
 
     window = sub.add_parser("next-window", help="the next instant a call to this consumer is legal")
-    window.add_argument("number")
+    window.add_argument("number", type=number_arg)
     window.add_argument("--campaign", required=True)
     window.add_argument(
         "--caller-id", default="", help="caller ID to check as well (default: ignore caller ID)"
@@ -282,7 +290,16 @@ async def _with_ledger(config: Config, body: Callable[[Ledger], Awaitable[int]])
         await ledger.close()
 
 
+async def _require_campaign(ledger: Ledger, campaign_id: str) -> Campaign:
+    campaign = await ledger.campaign(campaign_id)
+    if campaign is None:
+        raise UsageError(f"unknown campaign {campaign_id!r} (see: pbxguard campaign list)")
+    return campaign
+
+
 async def cmd_check(args: argparse.Namespace, config: Config, ledger: Ledger) -> int:
+    # Bad input is a usage error here; a gate would block the same call with a reason instead.
+    await _require_campaign(ledger, args.campaign)
     guard = Guard(ledger, config.policy, config.mode, timeout=config.database.timeout_ms / 1000)
     attempt = CallAttempt(
         number=args.number, campaign_id=args.campaign, caller_id=args.caller_id, gate="cli",
@@ -295,31 +312,27 @@ async def cmd_check(args: argparse.Namespace, config: Config, ledger: Ledger) ->
 
 
 async def cmd_next_window(args: argparse.Namespace, config: Config, ledger: Ledger) -> int:
-    guard = Guard(ledger, config.policy, config.mode, timeout=config.database.timeout_ms / 1000)
-    after = args.after or _now()
-    campaign = await ledger.campaign(args.campaign)
+    await _require_campaign(ledger, args.campaign)
+    policy = config.policy
     caller = args.caller_id
-    if not caller and campaign is not None:
-        caller = "0800000000"  # an 08 number passes every range rule: only the consumer side is asked
+    if not caller:
+        # Only the consumer side is asked: a free-phone caller ID that needs no authorisation passes
+        # every caller-ID rule, so what remains are the consumer's reasons.
+        caller = "0800000000"
+        policy = dataclasses.replace(policy, caller_id_authorization=AuthorizationScope.NPV)
+    guard = Guard(ledger, policy, config.mode, timeout=config.database.timeout_ms / 1000)
+    after = args.after or _now()
     attempt = CallAttempt(number=args.number, campaign_id=args.campaign, caller_id=caller, gate="cli")
     decision = await guard.decide(attempt, after, reserve=False)
-    from pbxguard.policy.model import Reason
-
-    reasons = [
-        r for r in decision.reasons if not (r is Reason.CALLER_ID_NOT_AUTHORIZED and not args.caller_id)
-    ]
-    if not reasons:
-        at: datetime | None = after
-    else:
-        at = decision.next_allowed_at
+    at = after if decision.allowed else decision.next_allowed_at
     payload = {
         "consumer": decision.consumer,
         "next_window": at.isoformat() if at else None,
-        "blocking_reasons": [r.value for r in reasons] if at is None else [],
+        "blocking_reasons": [r.value for r in decision.reasons] if at is None else [],
         "zones": list(decision.zones),
     }
     if at is None:
-        text = "no legal window by waiting: " + ", ".join(r.value for r in reasons)
+        text = "no legal window by waiting: " + ", ".join(r.value for r in decision.reasons)
     else:
         text = at.isoformat() + "".join(
             f"  ({at.astimezone(ZoneInfo(z)).strftime('%a %Y-%m-%d %H:%M')} {z})" for z in decision.zones
@@ -360,9 +373,6 @@ async def cmd_campaign(args: argparse.Namespace, config: Config, ledger: Ledger)
 
 
 async def cmd_caller_id(args: argparse.Namespace, config: Config, ledger: Ledger) -> int:
-    from pbxguard.policy.model import CallerIdKind
-    from pbxguard.policy.numbers import classify_caller_id
-
     caller = classify_caller_id(args.number)
     if caller.kind in (CallerIdKind.MISSING, CallerIdKind.FORBIDDEN, CallerIdKind.MOBILE) or not caller.e164:
         raise UsageError(f"{args.number!r} cannot be authorised as a caller ID ({caller.kind.value})")

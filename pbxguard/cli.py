@@ -20,6 +20,7 @@ from zoneinfo import ZoneInfo
 from pbxguard import config as config_module
 from pbxguard.config import Config, ConfigError
 from pbxguard.guard import Guard
+from pbxguard.ledger import journal
 from pbxguard.ledger.migrate import MigrationError
 from pbxguard.ledger.pgcluster import ClusterError
 from pbxguard.ledger.store import Ledger, StoreError
@@ -219,6 +220,19 @@ def build_parser() -> Parser:
     bimp.add_argument(
         "--registered", action="store_true", help="the file lists numbers Bloctel reported as registered"
     )
+
+    audit = sub.add_parser("audit", help="the decision journal: verify, export, seal")
+    audit_sub = audit.add_subparsers(dest="action", required=True, parser_class=Parser)
+    verify = audit_sub.add_parser("verify", help="recompute the hash chain and report the first broken entry")
+    verify.add_argument("--from", dest="since", type=instant_arg)
+    verify.add_argument("--to", dest="until", type=instant_arg)
+    export = audit_sub.add_parser("export", help="write the decisions of a period for an inspection")
+    export.add_argument("--from", dest="since", required=True, type=instant_arg)
+    export.add_argument("--to", dest="until", required=True, type=instant_arg)
+    export.add_argument("--format", choices=("csv", "jsonl"), default="csv")
+    export.add_argument("--order-giver", type=name_arg)
+    export.add_argument("--output", type=Path, help="file to write (default: standard output)")
+    audit_sub.add_parser("seal", help="seal pending decisions now (the daemon does it continuously)")
 
     check = sub.add_parser("check", help="decide one call")
     check.add_argument("number", type=number_arg)
@@ -475,6 +489,57 @@ async def cmd_db(args: argparse.Namespace, config: Config) -> int:
     return EXIT_OK
 
 
+async def cmd_audit(args: argparse.Namespace, config: Config, ledger: Ledger) -> int:
+    key = config.journal.key.encode() or None
+    async with ledger.pool.acquire() as conn:
+        if args.action == "seal":
+            total = 0
+            while (count := await journal.seal(conn, key)) > 0:
+                total += count
+            _print(args, {"sealed": total}, f"{total} decision(s) sealed")
+            return EXIT_OK
+        if args.action == "verify":
+            result = await journal.verify(conn, key, args.since, args.until)
+            payload = {
+                "ok": result.ok,
+                "checked": result.checked,
+                "first_seq": result.first_seq,
+                "last_seq": result.last_seq,
+                "problems": result.problems,
+                "unsealed": result.unsealed,
+            }
+            if result.ok:
+                text = (
+                    f"journal verified: {result.checked} entries"
+                    + (f" (seq {result.first_seq}..{result.last_seq})" if result.checked else "")
+                    + f", {result.unsealed} not yet sealed"
+                )
+            else:
+                text = "journal NOT intact: " + "; ".join(result.problems)
+            _print(args, payload, text)
+            return EXIT_OK if result.ok else EXIT_BLOCKED
+        if args.until <= args.since:
+            raise UsageError("--to must be after --from")
+        out = args.output.open("w", encoding="utf-8", newline="") if args.output else sys.stdout
+        count = 0
+        try:
+            batch: list[dict[str, object]] = []
+            async for row in journal.export_rows(conn, args.since, args.until, args.order_giver):
+                batch.append(row)
+                if len(batch) >= 1000:
+                    journal.write_rows(batch, out, args.format, header=count == 0)
+                    count += len(batch)
+                    batch = []
+            journal.write_rows(batch, out, args.format, header=count == 0)
+            count += len(batch)
+        finally:
+            if args.output:
+                out.close()
+        if args.output:
+            sys.stderr.write(f"{count} decision(s) written to {args.output}\n")
+        return EXIT_OK
+
+
 LEDGER_COMMANDS: dict[str, Callable[[argparse.Namespace, Config, Ledger], Awaitable[int]]] = {
     "check": cmd_check,
     "next-window": cmd_next_window,
@@ -486,6 +551,7 @@ LEDGER_COMMANDS: dict[str, Callable[[argparse.Namespace, Config, Ledger], Awaita
     "opposition": cmd_simple,
     "consumer": cmd_simple,
     "bloctel": cmd_bloctel,
+    "audit": cmd_audit,
 }
 
 

@@ -66,6 +66,8 @@ class AriUpstreamConfig:
     username: str = ""
     password: Secret = NO_SECRET
     app: str = "pbxguard"
+    timeout_ms: int = 2000  # a channel in Stasis is continued or hung up within this
+    max_concurrent: int = 512  # channels decided at once; more wait (within timeout_ms)
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +94,7 @@ class AmiGateConfig:
 class AgiGateConfig:
     listen: str = ""  # e.g. 127.0.0.1:4573 ; empty: the FastAGI gate is off
     timeout_ms: int = 2000
+    max_connections: int = 512  # beyond this a connection is refused (the dialplan then blocks)
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +107,12 @@ class GatesConfig:
 class HttpConfig:
     listen: str = "127.0.0.1:8780"
     token: Secret = NO_SECRET
+
+
+@dataclass(frozen=True, slots=True)
+class JournalConfig:
+    key: Secret = NO_SECRET  # set: entries are chained with HMAC-SHA-256 instead of SHA-256
+    seal_interval_ms: int = 200
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +130,7 @@ class Config:
     gates: GatesConfig = field(default_factory=GatesConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
     policy: PolicySettings = field(default_factory=PolicySettings)
+    journal: JournalConfig = field(default_factory=JournalConfig)
     log: LogConfig = field(default_factory=LogConfig)
     source: str = ""  # the file this was read from, for messages
 
@@ -227,6 +237,7 @@ _ENV: dict[str, tuple[str, ...]] = {
     "PBXGUARD_HTTP_TOKEN": ("http", "token"),
     "PBXGUARD_AMI_SECRET": ("asterisk", "ami", "secret"),
     "PBXGUARD_ARI_PASSWORD": ("asterisk", "ari", "password"),
+    "PBXGUARD_JOURNAL_KEY": ("journal", "key"),
 }
 
 
@@ -330,6 +341,8 @@ def validate(config: Config) -> None:
         raise ConfigError("database.pool_max: must be at least pool_min (>= 1)")
     if config.database.timeout_ms < 1:
         raise ConfigError("database.timeout_ms: must be at least 1")
+    if config.journal.seal_interval_ms < 10:
+        raise ConfigError("journal.seal_interval_ms: at least 10")
     if config.gates.agi.timeout_ms < 1:
         raise ConfigError("gates.agi.timeout_ms: must be at least 1")
 

@@ -20,6 +20,7 @@ from aiohttp import web
 from pbxguard import logs
 from pbxguard.config import Config, parse_listen
 from pbxguard.guard import Guard
+from pbxguard.ledger import journal
 from pbxguard.ledger.store import Ledger
 from pbxguard.policy import numbers
 
@@ -73,6 +74,21 @@ class Daemon:
             self.ledger_ready = ready
             await asyncio.sleep(1.0)
 
+    async def _seal_journal(self) -> None:
+        """Links committed decisions into the hash chain, off the decision path."""
+        interval = self.config.journal.seal_interval_ms / 1000
+        key = self.config.journal.key.encode() or None
+        while True:
+            await asyncio.sleep(interval)
+            if self.ledger is None:
+                continue
+            try:
+                async with self.ledger.pool.acquire() as conn:
+                    while await journal.seal(conn, key) >= journal.SEAL_BATCH:
+                        pass
+            except Exception as exc:
+                log.warning("journal sealing failed, will retry: %s", exc)
+
     def ready_state(self) -> dict[str, bool]:
         state = {"ledger": self.ledger_ready}
         state.update({name: check() for name, check in self.readiness.items()})
@@ -97,6 +113,7 @@ class Daemon:
         await self._connect_ledger_first()
         self._tasks.append(asyncio.create_task(self._watch_ledger(), name="ledger-watch"))
         self._tasks.append(asyncio.create_task(self.guard.run_flusher(), name="journal-completer"))
+        self._tasks.append(asyncio.create_task(self._seal_journal(), name="journal-sealer"))
         host, port = parse_listen("http.listen", self.config.http.listen)
         self._runner = web.AppRunner(self.http_app(), access_log=None)
         await self._runner.setup()

@@ -65,8 +65,7 @@ CREATE FUNCTION pbxguard.decide(
 LANGUAGE plpgsql
 AS $fn$
 DECLARE
-    c              pbxguard.campaigns%ROWTYPE;
-    og             pbxguard.order_givers%ROWTYPE;
+    c              record;
     d              pbxguard.decisions%ROWTYPE;
     v_reasons      text[] := coalesce(p_static, '{}');
     v_consumer     boolean;
@@ -75,26 +74,28 @@ DECLARE
     v_off_hours    boolean;
     v_verdict      text;
     v_counted      boolean := false;
-    v_res_t        text;
-    v_res_d        text;
-    v_found        boolean;
 BEGIN
-    IF p_call_key IS NOT NULL THEN
-        SELECT * INTO d FROM pbxguard.decisions x
-         WHERE x.consumer = p_consumer AND x.call_key = p_call_key;
-        IF FOUND THEN
-            RETURN QUERY SELECT 'replayed'::text, d.id, d.reasons, d.counted, d.decided_at,
-                d.next_allowed_at, d.shadow, d.order_giver, NULL::text, NULL::text, NULL::boolean,
-                NULL::boolean, NULL::text, NULL::text, NULL::text, NULL::text, NULL::boolean,
-                NULL::timestamptz, NULL::timestamptz, NULL::timestamptz, NULL::date, NULL::text,
-                NULL::date, NULL::timestamptz[], NULL::boolean;
-            RETURN;
-        END IF;
-    END IF;
+    -- Statements are few on purpose: each costs an executor start-up, and this is the hot path.
+    SELECT x.*, o.siren, r.territory AS res_t, r.departement AS res_d INTO c
+      FROM pbxguard.campaigns x
+      JOIN pbxguard.order_givers o ON o.name = x.order_giver
+      LEFT JOIN pbxguard.consumers r ON r.consumer = p_consumer
+     WHERE x.id = p_campaign;
 
-    SELECT * INTO c FROM pbxguard.campaigns x WHERE x.id = p_campaign;
-    IF NOT FOUND THEN
+    IF c.id IS NULL THEN
         v_reasons := array_append(v_reasons, 'UNKNOWN_CAMPAIGN');
+        IF p_call_key IS NOT NULL THEN
+            SELECT * INTO d FROM pbxguard.decisions x
+             WHERE x.consumer = p_consumer AND x.call_key = p_call_key;
+            IF FOUND THEN
+                RETURN QUERY SELECT 'replayed'::text, d.id, d.reasons, d.counted, d.decided_at,
+                    d.next_allowed_at, d.shadow, d.order_giver, NULL::text, NULL::text, NULL::boolean,
+                    NULL::boolean, NULL::text, NULL::text, NULL::text, NULL::text, NULL::boolean,
+                    NULL::timestamptz, NULL::timestamptz, NULL::timestamptz, NULL::date, NULL::text,
+                    NULL::date, NULL::timestamptz[], NULL::boolean;
+                RETURN;
+            END IF;
+        END IF;
         IF p_reserve THEN
             INSERT INTO pbxguard.decisions (consumer, id, call_key, decided_at, gate, campaign,
                 caller_id, verdict, reasons, shadow, territories, zones)
@@ -108,80 +109,81 @@ BEGIN
             NULL::date, NULL::timestamptz[], NULL::boolean;
         RETURN;
     END IF;
-    SELECT * INTO og FROM pbxguard.order_givers x WHERE x.name = c.order_giver;
 
     -- The daemon derived the consumer's places from the residence it assumed; if the CRM has
     -- changed it since, nothing is written and the daemon asks again with the right one.
-    SELECT x.territory, x.departement INTO v_res_t, v_res_d
-      FROM pbxguard.consumers x WHERE x.consumer = p_consumer;
-    IF coalesce(v_res_t, '') || '|' || coalesce(v_res_d, '') <> p_residence THEN
+    IF coalesce(c.res_t, '') || '|' || coalesce(c.res_d, '') <> p_residence THEN
         RETURN QUERY SELECT 'retry'::text, p_decision_id, NULL::text[], false, p_now,
             NULL::timestamptz, p_shadow, c.order_giver, c.purpose, c.sector, c.automated,
-            c.prerecorded, og.siren, c.script_id, v_res_t, v_res_d, NULL::boolean,
+            c.prerecorded, c.siren, c.script_id, c.res_t, c.res_d, NULL::boolean,
             NULL::timestamptz, NULL::timestamptz, NULL::timestamptz, NULL::date, NULL::text,
             NULL::date, NULL::timestamptz[], NULL::boolean;
         RETURN;
     END IF;
 
     IF p_reserve THEN
+        -- Serialises decisions for one (consumer, order giver): the count read below cannot change
+        -- before this transaction's attempt is inserted, whichever daemon asks.
         PERFORM pg_advisory_xact_lock(hashtextextended(p_consumer || chr(31) || c.order_giver, 0));
-        IF p_call_key IS NOT NULL THEN
-            -- A duplicate that waited on the lock finds the first one's decision.
-            SELECT * INTO d FROM pbxguard.decisions x
-             WHERE x.consumer = p_consumer AND x.call_key = p_call_key;
-            IF FOUND THEN
-                RETURN QUERY SELECT 'replayed'::text, d.id, d.reasons, d.counted, d.decided_at,
-                    d.next_allowed_at, d.shadow, d.order_giver, NULL::text, NULL::text,
-                    NULL::boolean, NULL::boolean, NULL::text, NULL::text, NULL::text, NULL::text,
-                    NULL::boolean, NULL::timestamptz, NULL::timestamptz, NULL::timestamptz,
-                    NULL::date, NULL::text, NULL::date, NULL::timestamptz[], NULL::boolean;
-                RETURN;
-            END IF;
-        END IF;
-        -- A channel already allowed (and counted) by another gate for this number passes once more
-        -- without a second count.
-        IF p_token IS NOT NULL THEN
-            SELECT true INTO v_found FROM pbxguard.decisions x
-             WHERE x.consumer = p_consumer AND x.id = p_token
-               AND (x.verdict = 'allow' OR x.shadow)
-               AND x.decided_at >= p_now - interval '1 hour' AND x.decided_at <= p_now + interval '1 minute';
-            IF FOUND THEN
-                INSERT INTO pbxguard.decisions (consumer, id, call_key, decided_at, gate, campaign,
-                    order_giver, caller_id, verdict, reasons, shadow, via_token, territories, zones)
-                VALUES (p_consumer, p_decision_id, p_call_key, p_now, p_gate, p_campaign,
-                    c.order_giver, p_caller_id, 'allow', '{}', false, p_token, p_territories, p_zones);
-                RETURN QUERY SELECT 'token'::text, p_decision_id, '{}'::text[], false, p_now,
-                    NULL::timestamptz, false, c.order_giver, c.purpose, c.sector, c.automated,
-                    c.prerecorded, og.siren, c.script_id, v_res_t, v_res_d, NULL::boolean,
-                    NULL::timestamptz, NULL::timestamptz, NULL::timestamptz, NULL::date,
-                    NULL::text, NULL::date, NULL::timestamptz[], NULL::boolean;
-                RETURN;
-            END IF;
+    END IF;
+    IF p_call_key IS NOT NULL THEN
+        -- Checked under the lock: a duplicate that waited finds the first one's decision.
+        SELECT * INTO d FROM pbxguard.decisions x
+         WHERE x.consumer = p_consumer AND x.call_key = p_call_key;
+        IF FOUND THEN
+            RETURN QUERY SELECT 'replayed'::text, d.id, d.reasons, d.counted, d.decided_at,
+                d.next_allowed_at, d.shadow, d.order_giver, NULL::text, NULL::text,
+                NULL::boolean, NULL::boolean, NULL::text, NULL::text, NULL::text, NULL::text,
+                NULL::boolean, NULL::timestamptz, NULL::timestamptz, NULL::timestamptz,
+                NULL::date, NULL::text, NULL::date, NULL::timestamptz[], NULL::boolean;
+            RETURN;
         END IF;
     END IF;
+    -- A channel already allowed (and counted) by another gate for this number passes once more
+    -- without a second count.
+    IF p_reserve AND p_token IS NOT NULL AND EXISTS (
+        SELECT 1 FROM pbxguard.decisions x
+         WHERE x.consumer = p_consumer AND x.id = p_token
+           AND (x.verdict = 'allow' OR x.shadow)
+           AND x.decided_at >= p_now - interval '1 hour' AND x.decided_at <= p_now + interval '1 minute')
+    THEN
+        INSERT INTO pbxguard.decisions (consumer, id, call_key, decided_at, gate, campaign,
+            order_giver, caller_id, verdict, reasons, shadow, via_token, territories, zones)
+        VALUES (p_consumer, p_decision_id, p_call_key, p_now, p_gate, p_campaign,
+            c.order_giver, p_caller_id, 'allow', '{}', false, p_token, p_territories, p_zones);
+        RETURN QUERY SELECT 'token'::text, p_decision_id, '{}'::text[], false, p_now,
+            NULL::timestamptz, false, c.order_giver, c.purpose, c.sector, c.automated,
+            c.prerecorded, c.siren, c.script_id, c.res_t, c.res_d, NULL::boolean,
+            NULL::timestamptz, NULL::timestamptz, NULL::timestamptz, NULL::date,
+            NULL::text, NULL::date, NULL::timestamptz[], NULL::boolean;
+        RETURN;
+    END IF;
 
-    -- The facts.
-    opposed := EXISTS (SELECT 1 FROM pbxguard.oppositions x
-                        WHERE x.consumer = p_consumer
-                          AND (x.order_giver IS NULL OR x.order_giver = c.order_giver));
-    SELECT max(x.refused_at) INTO last_refusal_at FROM pbxguard.refusals x
-     WHERE x.consumer = p_consumer AND x.order_giver = c.order_giver;
-    SELECT max(x.given_at), max(x.given_at) FILTER (WHERE x.off_hours)
-      INTO consent_at, off_hours_consent_at
-      FROM pbxguard.consents x
-     WHERE x.consumer = p_consumer AND x.order_giver = c.order_giver
-       AND x.given_at <= p_now AND (x.revoked_at IS NULL OR x.revoked_at > p_now);
-    SELECT max(x.until) INTO contract_until FROM pbxguard.contracts x
-     WHERE x.consumer = p_consumer AND x.order_giver = c.order_giver;
-    SELECT x.status, x.cleaned_on INTO bloctel_status, bloctel_on FROM pbxguard.bloctel_status x
-     WHERE x.consumer = p_consumer AND x.order_giver = c.order_giver;
-    recent_attempts := ARRAY(SELECT x.attempted_at FROM pbxguard.attempts x
-                              WHERE x.consumer = p_consumer AND x.order_giver = c.order_giver
-                              ORDER BY x.attempted_at DESC LIMIT p_cap);
-    caller_id_authorized := EXISTS (SELECT 1 FROM pbxguard.caller_id_authorizations x
-                                     WHERE x.caller_id = p_caller_id AND x.order_giver = c.order_giver
-                                       AND x.valid_from <= p_today
-                                       AND (x.valid_until IS NULL OR x.valid_until >= p_today));
+    -- The facts, in one statement.
+    SELECT
+        EXISTS (SELECT 1 FROM pbxguard.oppositions x
+                 WHERE x.consumer = p_consumer
+                   AND (x.order_giver IS NULL OR x.order_giver = c.order_giver)),
+        (SELECT max(x.refused_at) FROM pbxguard.refusals x
+          WHERE x.consumer = p_consumer AND x.order_giver = c.order_giver),
+        k.given, k.off_hours,
+        (SELECT max(x.until) FROM pbxguard.contracts x
+          WHERE x.consumer = p_consumer AND x.order_giver = c.order_giver),
+        b.status, b.cleaned_on,
+        ARRAY(SELECT x.attempted_at FROM pbxguard.attempts x
+               WHERE x.consumer = p_consumer AND x.order_giver = c.order_giver
+               ORDER BY x.attempted_at DESC LIMIT p_cap),
+        EXISTS (SELECT 1 FROM pbxguard.caller_id_authorizations x
+                 WHERE x.caller_id = p_caller_id AND x.order_giver = c.order_giver
+                   AND x.valid_from <= p_today
+                   AND (x.valid_until IS NULL OR x.valid_until >= p_today))
+      INTO opposed, last_refusal_at, consent_at, off_hours_consent_at, contract_until,
+           bloctel_status, bloctel_on, recent_attempts, caller_id_authorized
+      FROM (SELECT max(x.given_at) AS given, max(x.given_at) FILTER (WHERE x.off_hours) AS off_hours
+              FROM pbxguard.consents x
+             WHERE x.consumer = p_consumer AND x.order_giver = c.order_giver
+               AND x.given_at <= p_now AND (x.revoked_at IS NULL OR x.revoked_at > p_now)) k
+      LEFT JOIN pbxguard.bloctel_status b ON b.consumer = p_consumer AND b.order_giver = c.order_giver;
 
     -- The ledger rules (pbxguard/policy/*.py).
     v_consumer := c.purpose IN ('b2c_prospecting', 'contract_service');
@@ -234,10 +236,10 @@ BEGIN
     v_verdict := CASE WHEN cardinality(v_reasons) = 0 THEN 'allow' ELSE 'block' END;
     IF p_reserve THEN
         v_counted := v_consumer AND (v_verdict = 'allow' OR p_shadow);
-        IF v_counted THEN
+        WITH attempt AS (
             INSERT INTO pbxguard.attempts (consumer, order_giver, campaign, decision_id, attempted_at)
-            VALUES (p_consumer, c.order_giver, c.id, p_decision_id, p_now);
-        END IF;
+            SELECT p_consumer, c.order_giver, c.id, p_decision_id, p_now WHERE v_counted
+        )
         INSERT INTO pbxguard.decisions (consumer, id, call_key, decided_at, gate, campaign,
             order_giver, caller_id, verdict, reasons, shadow, counted, territories, zones)
         VALUES (p_consumer, p_decision_id, p_call_key, p_now, p_gate, p_campaign, c.order_giver,
@@ -257,10 +259,10 @@ BEGIN
     sector := c.sector;
     automated := c.automated;
     prerecorded := c.prerecorded;
-    siren := og.siren;
+    siren := c.siren;
     script_id := c.script_id;
-    residence_territory := v_res_t;
-    residence_departement := v_res_d;
+    residence_territory := c.res_t;
+    residence_departement := c.res_d;
     RETURN NEXT;
 END;
 $fn$;

@@ -2,6 +2,10 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+# The real-Asterisk tests run when a binary is found: PBXGUARD_ASTERISK_BIN, else `asterisk` on PATH,
+# else a local build in /opt/asterisk; they skip with a message otherwise.
+PBXGUARD_ASTERISK_BIN ?= $(firstword $(shell command -v asterisk 2>/dev/null) $(wildcard /opt/asterisk/sbin/asterisk))
+export PBXGUARD_ASTERISK_BIN
 
 .PHONY: run test lint typecheck unit bench bench-full clean install dev
 

@@ -1,0 +1,454 @@
+"""The FastAGI gate: a dialplan hook that asks pbxguard before a call is dialled.
+
+Asterisk connects for ``AGI(agi://HOST[:PORT]/SCRIPT[?campaign=ID],ARG1,ARG2)``; the scripts are
+
+- ``check``: decide the call. Number: ``ARG1``, else ``agi_extension``. Campaign: ``ARG2``, else the
+  ``campaign`` query parameter, else the ``PBXGUARD_CAMPAIGN`` channel variable. Caller ID: what
+  ``${CALLERID(num)}`` says now (``agi_callerid`` prints ``unknown`` for an empty number, so it is only
+  the fallback). ``PBXGUARD_TOKEN``, put on the channel by the AMI gate that already allowed and
+  counted this call, is handed to the guard, which then allows the same number without counting it
+  again. Call key: ``agi_uniqueid``, so a dialplan that runs the check twice on one channel gets the
+  same decision and one count. Sets ``PBXGUARD_REASONS``, ``PBXGUARD_NEXT``, ``PBXGUARD_DECISION`` and,
+  last, ``PBXGUARD_VERDICT`` (``ALLOW`` only when the decision permits the call).
+- ``refusal`` / ``opposition``: record the consumer's refusal (60-day quiet period) or opposition.
+  Number: ``ARG1``, else ``PBXGUARD_NUMBER`` (set by the shipped ``pbxguard-check`` routine and
+  inherited by the dialled channel), else ``agi_extension``. Sets ``PBXGUARD_RECORDED`` to 1 or 0.
+
+Asterisk waits for a FastAGI server without any timeout once connected, so a stuck server stalls the
+call: every connection is bounded by ``gates.agi.timeout_ms`` on the monotonic clock. The decision
+must be done by the deadline minus a reserve kept for writing the answer; a decision (or a ledger)
+that is late becomes ``BLOCK`` / ``STORE_UNAVAILABLE``. A client that closes early, sends garbage,
+hangs up mid-exchange or is too slow costs one log line and its connection, nothing more. When the
+gate cannot answer at all, the shipped dialplan blocks anyway: it cleared ``PBXGUARD_VERDICT`` before
+asking and dials only when it reads ``ALLOW``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Final
+
+from pbxguard.config import Config
+from pbxguard.guard import Guard
+from pbxguard.logs import mask_number
+from pbxguard.policy.model import CallAttempt, Decision, Reason, Verdict
+from pbxguard.protocols.agi import (
+    AgiProtocolError,
+    AgiServerConnection,
+    Environment,
+    Hangup,
+    Response,
+    agi_args,
+    parse_network_script,
+)
+
+__all__ = [
+    "SCRIPTS",
+    "AgiRequest",
+    "FastAgiGate",
+    "caller_id_from_env",
+    "parse_request",
+    "unavailable_decision",
+    "verdict_variables",
+]
+
+log = logging.getLogger("pbxguard.gates.agi")
+
+SCRIPTS: Final = frozenset({"check", "refusal", "opposition"})
+_READ_CHUNK: Final = 4096
+# Never spend less than this on writing the answer, nor more than half the budget waiting for it.
+_MIN_REPLY_RESERVE: Final = 0.05
+_MAX_REPLY_RESERVE: Final = 0.5
+# At most one "connection refused: too many" line per this many seconds (a flood must not flood logs).
+_OVERFLOW_LOG_INTERVAL: Final = 5.0
+
+
+# -- pure part --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class AgiRequest:
+    """What the environment alone says about a request; the channel variables are read afterwards."""
+
+    script: str
+    number: str | None  # from ARG1 (or agi_extension for check); None: ask the channel
+    campaign: str | None  # from ARG2 or ?campaign=; None: ask the channel
+    call_key: str | None
+    env_caller_id: str  # agi_callerid with Asterisk's "unknown" placeholder removed
+    channel: str
+
+
+def caller_id_from_env(env: Environment) -> str:
+    value = env.variables.get("agi_callerid", "")
+    # res_agi prints "unknown" when the caller number is empty.
+    return "" if value == "unknown" else value
+
+
+def parse_request(env: Environment) -> AgiRequest:
+    """Script name, number and campaign as the environment gives them; AgiProtocolError if unusable."""
+    script, query = parse_network_script(env)
+    script = script.strip("/")
+    if script not in SCRIPTS:
+        raise AgiProtocolError(f"unknown AGI script {script!r}")
+    args = agi_args(env)
+    variables = env.variables
+    number = args[0].strip() if args and args[0].strip() else None
+    if number is None and script == "check":
+        # The extension being dialled: the usual case for `AGI(agi://.../check)` in an outbound route.
+        number = variables.get("agi_extension") or None
+    campaign: str | None = args[1].strip() if len(args) > 1 and args[1].strip() else None
+    if campaign is None:
+        values = [v.strip() for v in query.get("campaign", []) if v.strip()]
+        campaign = values[0] if values else None
+    return AgiRequest(
+        script=script,
+        number=number,
+        campaign=campaign,
+        call_key=variables.get("agi_uniqueid") or None,
+        env_caller_id=caller_id_from_env(env),
+        channel=variables.get("agi_channel", ""),
+    )
+
+
+def verdict_variables(decision: Decision) -> list[tuple[str, str]]:
+    """The channel variables a decision becomes, ``PBXGUARD_VERDICT`` last.
+
+    Last, so that a connection lost half-way never leaves ``ALLOW`` next to stale reasons; and the
+    dialplan cleared the verdict before asking, so a missing one blocks. ``ALLOW`` whenever the
+    decision permits the call (an allowed call, or a blocked one that shadow mode lets through: its
+    reasons are still listed).
+    """
+    return [
+        ("PBXGUARD_REASONS", ",".join(reason.value for reason in decision.reasons)),
+        ("PBXGUARD_NEXT", decision.next_allowed_at.isoformat() if decision.next_allowed_at else ""),
+        ("PBXGUARD_DECISION", decision.id),
+        ("PBXGUARD_VERDICT", "ALLOW" if decision.permits_call else "BLOCK"),
+    ]
+
+
+def unavailable_decision(attempt: CallAttempt, now: datetime, *, shadow: bool) -> Decision:
+    """What a gate answers when the guard did not decide in time: blocked, STORE_UNAVAILABLE.
+
+    It has no id (nothing was journaled) and, like the guard's own answer to a ledger failure, shadow
+    mode lets it through.
+    """
+    return Decision(
+        id="",
+        verdict=Verdict.BLOCK,
+        reasons=(Reason.STORE_UNAVAILABLE,),
+        next_allowed_at=None,
+        consumer=None,
+        territories=(),
+        zones=(),
+        campaign_id=attempt.campaign_id,
+        order_giver=None,
+        caller_id=attempt.caller_id,
+        gate=attempt.gate,
+        decided_at=now,
+        call_key=attempt.call_key,
+        shadow=shadow,
+    )
+
+
+def split_listen(value: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[::1]:4573`` too). Port 0 picks a free port (tests)."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"expected HOST:PORT, got {value!r}")
+    return host.strip("[]"), int(port)
+
+
+# -- asyncio adapter --------------------------------------------------------------------------------
+
+
+class _ClientGone(Exception):
+    """The client closed, hung up, or broke the protocol: give up on this connection."""
+
+
+class _Session:
+    """One FastAGI connection: the codec plus a stream, one command at a time."""
+
+    __slots__ = ("codec", "env", "reader", "writer")
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.codec = AgiServerConnection()
+        self.env: Environment | None = None
+
+    async def _events(self) -> list[Environment | Response | Hangup]:
+        data = await self.reader.read(_READ_CHUNK)
+        if not data:
+            raise _ClientGone("closed the connection")
+        try:
+            return self.codec.receive(data)
+        except AgiProtocolError as exc:
+            raise _ClientGone(f"protocol error: {exc}") from None
+
+    async def environment(self) -> Environment:
+        while True:
+            for event in await self._events():
+                if isinstance(event, Environment):
+                    self.env = event
+                    return event
+                raise _ClientGone("sent data before its environment")  # pragma: no cover - codec
+
+    async def command(self, name: str, *args: str, through_hangup: bool = False) -> Response:
+        """Sends one command and returns its reply. A ``HANGUP`` ends the exchange, unless
+        ``through_hangup``: Asterisk still answers GET/SET VARIABLE on a dead channel, and a
+        consumer's refusal must be recorded even when they hang up right after saying it."""
+        if self.codec.hung_up and not through_hangup:
+            raise _ClientGone("hung up mid-exchange")
+        try:
+            line = self.codec.send_command(name, *args)
+        except AgiProtocolError as exc:
+            raise _ClientGone(f"cannot send {name}: {exc}") from None
+        self.writer.write(line)
+        await self.writer.drain()
+        reply: Response | None = None
+        while reply is None:
+            # A whole read is looked at: a HANGUP right behind the reply must not be missed.
+            for event in await self._events():
+                if isinstance(event, Hangup) and not through_hangup:
+                    # The channel is gone: whatever we would still ask or set is moot.
+                    raise _ClientGone("hung up mid-exchange")
+                if isinstance(event, Response):
+                    reply = event
+        return reply
+
+    async def get_variable(self, name: str, *, through_hangup: bool = False) -> str | None:
+        reply = await self.command("GET VARIABLE", name, through_hangup=through_hangup)
+        if reply.code == 200 and reply.result == "1":
+            return reply.data or ""
+        return None
+
+    async def get_expression(self, expression: str) -> str | None:
+        reply = await self.command("GET FULL VARIABLE", expression)
+        if reply.code == 200 and reply.result == "1":
+            return reply.data or ""
+        return None
+
+    async def set_variable(self, name: str, value: str, *, through_hangup: bool = False) -> None:
+        reply = await self.command("SET VARIABLE", name, value, through_hangup=through_hangup)
+        if reply.code != 200:
+            raise _ClientGone(f"SET VARIABLE {name} answered {reply.code} {reply.text}")
+
+
+class FastAgiGate:
+    """The FastAGI server. ``start()``, ``stop()``, ``ready()`` as the daemon expects of a gate."""
+
+    def __init__(
+        self,
+        config: Config,
+        guard: Guard,
+        *,
+        clock: Callable[[], datetime] | None = None,
+    ) -> None:
+        agi = config.gates.agi
+        self._host, self._port = split_listen(agi.listen)
+        self._timeout = agi.timeout_ms / 1000
+        self._reserve = min(_MAX_REPLY_RESERVE, max(_MIN_REPLY_RESERVE, self._timeout / 4))
+        self._max_connections = max(1, agi.max_connections)
+        self._guard = guard
+        self._clock = clock or (lambda: datetime.now(UTC))
+        self._full_numbers = config.log.numbers == "full"
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._overflow = 0
+        self._overflow_logged = 0.0
+
+    # -- life cycle -------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(
+            self._accept, self._host, self._port, limit=_READ_CHUNK * 4, backlog=512
+        )
+        log.info("FastAGI gate listening", extra={"fields": {"listen": f"{self._host}:{self.port}"}})
+
+    async def stop(self) -> None:
+        server, self._server = self._server, None
+        if server is not None:
+            server.close()
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        if server is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(server.wait_closed(), 1.0)
+
+    def ready(self) -> bool:
+        return self._server is not None and self._server.is_serving()
+
+    @property
+    def port(self) -> int:
+        """The bound port (useful with ``listen = "127.0.0.1:0"``)."""
+        if self._server is None or not self._server.sockets:
+            return self._port
+        return int(self._server.sockets[0].getsockname()[1])
+
+    @property
+    def active_connections(self) -> int:
+        return len(self._tasks)
+
+    # -- one connection -----------------------------------------------------------------------------
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if len(self._tasks) >= self._max_connections:
+            # Refusing is safe: Asterisk then goes on with AGISTATUS=FAILURE and the dialplan blocks.
+            self._log_overflow()
+            writer.transport.abort()
+            return
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        peer = writer.get_extra_info("peername")
+        try:
+            await self._serve(reader, writer, peer)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # never let one connection take the server down
+            log.exception("FastAGI connection from %s failed", peer)
+        finally:
+            self._tasks.discard(task)
+            # Data still unsent after the exchange ended means a client that does not read: drop it.
+            if writer.transport.get_write_buffer_size():
+                writer.transport.abort()
+            else:
+                writer.close()
+
+    def _log_overflow(self) -> None:
+        self._overflow += 1
+        now = time.monotonic()
+        if now - self._overflow_logged >= _OVERFLOW_LOG_INTERVAL:
+            log.warning(
+                "FastAGI connection refused: %d connections already open (gates.agi.max_connections); "
+                "%d refused since the last report",
+                self._max_connections,
+                self._overflow,
+            )
+            self._overflow = 0
+            self._overflow_logged = now
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: object) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._timeout
+        answer_by = deadline - self._reserve
+        session = _Session(reader, writer)
+        phase = "environment"
+        try:
+            async with asyncio.timeout_at(deadline):
+                async with asyncio.timeout_at(answer_by):
+                    env = await session.environment()
+                    phase = "request"
+                    request = parse_request(env)
+                if request.script == "check":
+                    phase = "check"
+                    await self._check(session, request, answer_by)
+                else:
+                    phase = request.script
+                    await self._feedback(session, request, answer_by)
+        except TimeoutError:
+            log.info("FastAGI client %s too slow (%s): connection closed", peer, phase)
+        except _ClientGone as exc:
+            log.info("FastAGI client %s %s (%s)", peer, exc, phase)
+        except AgiProtocolError as exc:
+            log.info("FastAGI client %s: %s", peer, exc)
+        except (ConnectionError, OSError) as exc:
+            log.info("FastAGI client %s connection lost (%s): %s", peer, phase, exc)
+
+    async def _check(self, session: _Session, request: AgiRequest, answer_by: float) -> None:
+        async with asyncio.timeout_at(answer_by):
+            # One round trip each. CALLERID(num) rather than agi_callerid: it is what Asterisk will
+            # present, and it tells an empty number from the literal "unknown".
+            caller_id = await session.get_expression("${CALLERID(num)}")
+            token = await session.get_variable("PBXGUARD_TOKEN")
+            campaign = request.campaign
+            if campaign is None:
+                campaign = (await session.get_variable("PBXGUARD_CAMPAIGN") or "").strip()
+        attempt = CallAttempt(
+            number=request.number or "",
+            campaign_id=campaign,
+            caller_id=request.env_caller_id if caller_id is None else caller_id,
+            gate="agi",
+            call_key=request.call_key,
+            token=token or None,
+        )
+        now = self._clock()
+        try:
+            async with asyncio.timeout_at(answer_by):
+                decision = await self._guard.decide(attempt, now)
+        except TimeoutError:
+            log.warning(
+                "no decision within gates.agi.timeout_ms for %s: blocked (STORE_UNAVAILABLE)",
+                self._mask(attempt.number),
+            )
+            decision = unavailable_decision(attempt, now, shadow=self._guard.shadow)
+        except Exception:
+            # A defect, not a client's fault: still answer, and answer closed.
+            log.exception("deciding %s failed: blocked (STORE_UNAVAILABLE)", self._mask(attempt.number))
+            decision = unavailable_decision(attempt, now, shadow=self._guard.shadow)
+        # The overall deadline still applies while we answer.
+        for name, value in verdict_variables(decision):
+            await session.set_variable(name, value)
+        log.debug(
+            "FastAGI check",
+            extra={
+                "fields": {
+                    "number": self._mask(attempt.number),
+                    "campaign": attempt.campaign_id,
+                    "verdict": decision.verdict.value,
+                    "reasons": [r.value for r in decision.reasons],
+                    "decision": decision.id,
+                    "channel": request.channel,
+                }
+            },
+        )
+
+    async def _feedback(self, session: _Session, request: AgiRequest, answer_by: float) -> None:
+        recorded = False
+        number = request.number
+        async with asyncio.timeout_at(answer_by):
+            if number is None:
+                number = (
+                    await session.get_variable("PBXGUARD_NUMBER", through_hangup=True) or ""
+                ).strip() or None
+            if number is None:
+                number = session.env.variables.get("agi_extension") if session.env else None
+            campaign = request.campaign
+            if campaign is None:
+                campaign = (
+                    await session.get_variable("PBXGUARD_CAMPAIGN", through_hangup=True) or ""
+                ).strip() or None
+        failure = "no valid number, or no known order giver for the campaign"
+        try:
+            async with asyncio.timeout_at(answer_by):
+                recorded = await self._guard.record_feedback(
+                    number or "",
+                    kind=request.script,
+                    now=self._clock(),
+                    campaign_id=campaign,
+                    source=f"agi:{request.call_key or request.channel}",
+                )
+        except Exception as exc:  # the store failed or was too slow
+            failure = type(exc).__name__ if not str(exc) else f"{type(exc).__name__}: {exc}"
+        if not recorded:
+            # A consumer's refusal that is lost is a legal problem: say so where operators look.
+            log.error(
+                "%s NOT recorded for %s (campaign %s, channel %s): %s; enter it by hand",
+                request.script,
+                self._mask(number),
+                campaign,
+                request.channel,
+                failure,
+            )
+        await session.set_variable("PBXGUARD_RECORDED", "1" if recorded else "0", through_hangup=True)
+
+    def _mask(self, number: str | None) -> str | None:
+        return mask_number(number, full=self._full_numbers)

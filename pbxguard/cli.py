@@ -9,15 +9,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import io
 import json
 import sys
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any, NoReturn
 from zoneinfo import ZoneInfo
 
 from pbxguard import config as config_module
+from pbxguard.bulk import ImportLineError, Progress, consent_batches, parse_number_lines
 from pbxguard.config import Config, ConfigError
 from pbxguard.guard import Guard
 from pbxguard.ledger import journal
@@ -51,7 +53,9 @@ class Parser(argparse.ArgumentParser):
         self.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output")
 
     def error(self, message: str) -> NoReturn:
-        sys.stderr.write(f"{self.prog}: error: {message}\n")
+        # One line that always starts "pbxguard: error:", naming the subcommand when there is one.
+        where = self.prog.removeprefix("pbxguard").strip()
+        sys.stderr.write(f"pbxguard: error: {where + ': ' if where else ''}{message}\n")
         raise SystemExit(EXIT_ERROR)
 
 
@@ -179,6 +183,13 @@ def build_parser() -> Parser:
     crev.add_argument("number", type=number_arg)
     crev.add_argument("--order-giver", required=True, type=name_arg)
     crev.add_argument("--at", type=instant_arg)
+    cimp = consent_sub.add_parser(
+        "import",
+        help="import a CSV file of consents (number,given_at,source,proof,off_hours), whole or not at all",
+    )
+    cimp.add_argument("file", type=Path)
+    cimp.add_argument("--order-giver", required=True, type=name_arg)
+    cimp.add_argument("--no-progress", dest="progress", action="store_false", help="no progress on stderr")
 
     contract = sub.add_parser("contract", help="contracts in progress")
     contract_sub = contract.add_subparsers(dest="action", required=True, parser_class=Parser)
@@ -220,6 +231,15 @@ def build_parser() -> Parser:
     bimp.add_argument(
         "--registered", action="store_true", help="the file lists numbers Bloctel reported as registered"
     )
+    bimp.add_argument("--no-progress", dest="progress", action="store_false", help="no progress on stderr")
+
+    stats = sub.add_parser(
+        "stats", help="the dashboard's numbers: calls allowed and blocked, by reason, campaign"
+    )
+    stats.add_argument("--since", type=date_arg, help="first day, Paris time (default: 29 days before today)")
+    stats.add_argument("--until", type=date_arg, help="last day, included (default: today)")
+    stats.add_argument("--campaign", type=name_arg)
+    stats.add_argument("--order-giver", type=name_arg)
 
     audit = sub.add_parser("audit", help="the decision journal: verify, export, seal")
     audit_sub = audit.add_subparsers(dest="action", required=True, parser_class=Parser)
@@ -403,6 +423,8 @@ async def cmd_caller_id(args: argparse.Namespace, config: Config, ledger: Ledger
 
 
 async def cmd_consent(args: argparse.Namespace, config: Config, ledger: Ledger) -> int:
+    if args.action == "import":
+        return await cmd_consent_import(args, ledger)
     at = args.at or _now()
     if args.action == "add":
         ident = await ledger.add_consent(
@@ -435,27 +457,74 @@ async def cmd_simple(args: argparse.Namespace, config: Config, ledger: Ledger) -
     return EXIT_OK
 
 
-def read_number_file(path: Path) -> list[str]:
+def read_number_file(path: Path, progress: Progress | None = None) -> list[str]:
     """One number per line (national or E.164); blank lines and # comments skipped."""
     try:
-        handle = path.open(encoding="utf-8-sig")
+        handle = path.open("rb")
     except OSError as exc:
         raise UsageError(f"cannot read {path}: {exc.strerror}") from None
-    numbers: list[str] = []
-    with handle:
-        for line_no, line in enumerate(handle, 1):
-            text = line.strip().split(";", 1)[0].split(",", 1)[0].strip()
-            if not text or text.startswith("#"):
-                continue
-            destination = parse_destination(text)
-            if not destination.valid or destination.e164 is None:
-                raise UsageError(f"{path}:{line_no}: not a valid French number: {text!r}; nothing imported")
-            numbers.append(destination.e164)
+    with handle, io.TextIOWrapper(handle, encoding="utf-8-sig") as text:
+
+        def lines() -> Iterator[str]:
+            for count, line in enumerate(text, 1):
+                if progress is not None and count % 50_000 == 0:
+                    progress.update(count, handle.tell())
+                yield line
+
+        try:
+            numbers = parse_number_lines(lines())
+        except ImportLineError as exc:
+            raise UsageError(f"{path}:{exc.line_no}: {exc.detail}; nothing imported") from None
+        except UnicodeDecodeError:
+            raise UsageError(f"{path}: not UTF-8 text; nothing imported") from None
     return numbers
 
 
+def _progress(args: argparse.Namespace, label: str) -> Progress | None:
+    if not args.progress:
+        return None
+    try:
+        return Progress(label, args.file.stat().st_size)
+    except OSError:
+        return Progress(label, None)
+
+
+async def cmd_consent_import(args: argparse.Namespace, ledger: Ledger) -> int:
+    """Streams the CSV into COPY: validated while it is read, one transaction, progress on stderr."""
+    progress = _progress(args, "consent import")
+    try:
+        handle = args.file.open("rb")
+    except OSError as exc:
+        raise UsageError(f"cannot read {args.file}: {exc.strerror}") from None
+    with handle, io.TextIOWrapper(handle, encoding="utf-8-sig", newline="") as text:
+        on_batch = (lambda rows: progress.update(rows, handle.tell())) if progress is not None else None
+        try:
+            rows = await ledger.import_consents(args.order_giver, consent_batches(text), on_batch)
+        except ImportLineError as exc:
+            raise UsageError(f"{args.file}:{exc.line_no}: {exc.detail}; nothing imported") from None
+        except UnicodeDecodeError:
+            raise UsageError(f"{args.file}: not UTF-8 text; nothing imported") from None
+    seconds = progress.done(rows) if progress is not None else None
+    _print(args, {"consents": rows, "order_giver": args.order_giver, "seconds": seconds},
+           f"{rows:,} consents imported for {args.order_giver}")  # fmt: skip
+    return EXIT_OK
+
+
+async def cmd_stats(args: argparse.Namespace, config: Config, ledger: Ledger) -> int:
+    from pbxguard.api import stats as stats_module
+
+    result = await stats_module.collect(
+        ledger, _now(), args.since, args.until, args.campaign, args.order_giver
+    )
+    _print(args, result.to_json(), stats_module.render_text(result))
+    return EXIT_OK
+
+
 async def cmd_bloctel(args: argparse.Namespace, config: Config, ledger: Ledger) -> int:
-    numbers = read_number_file(args.file)
+    progress = _progress(args, "bloctel file")
+    numbers = read_number_file(args.file, progress)
+    if progress is not None:
+        progress.done(len(numbers))
     status = "registered" if args.registered else "cleared"
     ident = await ledger.import_bloctel(numbers, args.order_giver, args.cleaned_at, status, args.file.name)
     _print(args, {"cleaning": ident, "numbers": len(numbers), "status": status},
@@ -551,6 +620,7 @@ LEDGER_COMMANDS: dict[str, Callable[[argparse.Namespace, Config, Ledger], Awaita
     "opposition": cmd_simple,
     "consumer": cmd_simple,
     "bloctel": cmd_bloctel,
+    "stats": cmd_stats,
     "audit": cmd_audit,
 }
 

@@ -18,6 +18,7 @@ from typing import Any
 from aiohttp import web
 
 from pbxguard import logs
+from pbxguard.api import ApiContext, DecisionLog, Metrics, build_app
 from pbxguard.config import Config, parse_listen
 from pbxguard.guard import Guard
 from pbxguard.ledger import journal
@@ -38,11 +39,17 @@ class Daemon:
     _tasks: list[asyncio.Task[Any]] = field(default_factory=list)
     _runner: web.AppRunner | None = None
     _cleanups: list[Callable[[], Any]] = field(default_factory=list)
+    metrics: Metrics = field(init=False)
 
     def __post_init__(self) -> None:
         self.guard = Guard(
             None, self.config.policy, self.config.mode, timeout=self.config.database.timeout_ms / 1000
         )
+        # Metrics and the decision log line observe every decision, whichever gate made it.
+        self.metrics = Metrics()
+        self.guard.observers.append(self.metrics.observe_decision)
+        self.guard.observers.append(DecisionLog(full_numbers=self.config.log.numbers == "full"))
+        self.guard.ledger_observers.append(self.metrics.observe_ledger)
 
     async def _connect_once(self) -> bool:
         try:
@@ -62,8 +69,10 @@ class Daemon:
 
     async def _connect_ledger(self) -> None:
         delay = 0.2
-        while not await self._connect_once():
+        while True:  # the first attempt was made at start-up
             await asyncio.sleep(delay)
+            if await self._connect_once():
+                return
             delay = min(delay * 2, 5.0)
 
     async def _watch_ledger(self) -> None:
@@ -103,10 +112,15 @@ class Daemon:
         return web.json_response({"ready": ok, "checks": state}, status=200 if ok else 503)
 
     def http_app(self) -> web.Application:
-        app = web.Application()
-        app.router.add_get("/healthz", self.healthz)
-        app.router.add_get("/readyz", self.readyz)
-        return app
+        """/healthz, /readyz, /metrics, the /v1 API and the dashboard (pbxguard.api.routes)."""
+        context = ApiContext(
+            config=self.config,
+            guard=self.guard,
+            ledger=lambda: self.ledger,
+            metrics=self.metrics,
+            ready_state=self.ready_state,
+        )
+        return build_app(context)
 
     async def start(self) -> None:
         numbers.warm_up()
@@ -169,16 +183,22 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> None:
     daemon = Daemon(config)
     stop_event = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
+    handled: list[signal.Signals] = []
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop_event.set)
-    await daemon.start()
-    log.info("pbxguard running", extra={"fields": {"mode": config.mode.value}})
+            handled.append(sig)
     try:
+        # Inside the try: a start that fails half-way (port taken, a gate) still closes the ledger
+        # and cancels the background tasks it had begun.
+        await daemon.start()
+        log.info("pbxguard running", extra={"fields": {"mode": config.mode.value}})
         await stop_event.wait()
     finally:
         log.info("shutting down")
         await daemon.stop()
+        for sig in handled:  # the loop may outlive serve() (embedding, tests): give the signals back
+            loop.remove_signal_handler(sig)
         log.info("stopped")
 
 

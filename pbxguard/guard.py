@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -41,6 +42,11 @@ from pbxguard.policy.settings import PolicySettings
 
 log = logging.getLogger("pbxguard.guard")
 
+# Called after each decision with the decision and its latency in seconds (metrics, decision log).
+DecisionObserver = Callable[[Decision, float], None]
+# Called after each ledger round trip with its duration in seconds.
+LedgerObserver = Callable[[float], None]
+
 _STORE_FAILURES = (StoreError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncio.TimeoutError)
 
 
@@ -67,12 +73,34 @@ class Guard:
     mode: Mode = Mode.ENFORCE
     timeout: float = 1.5
     _pending_next: list[tuple[str, uuid.UUID, datetime]] = field(default_factory=list)
+    observers: list[DecisionObserver] = field(default_factory=list)
+    ledger_observers: list[LedgerObserver] = field(default_factory=list)
 
     @property
     def shadow(self) -> bool:
         return self.mode is Mode.SHADOW
 
     async def decide(self, attempt: CallAttempt, now: datetime, *, reserve: bool = True) -> Decision:
+        if not self.observers:
+            return await self._decide(attempt, now, reserve=reserve)
+        started = time.perf_counter()
+        decision = await self._decide(attempt, now, reserve=reserve)
+        elapsed = time.perf_counter() - started
+        for observer in self.observers:
+            try:
+                observer(decision, elapsed)
+            except Exception:  # an observer never changes or delays a decision
+                log.exception("decision observer failed")
+        return decision
+
+    def _notify_ledger(self, seconds: float) -> None:
+        for observer in self.ledger_observers:
+            try:
+                observer(seconds)
+            except Exception:
+                log.exception("ledger observer failed")
+
+    async def _decide(self, attempt: CallAttempt, now: datetime, *, reserve: bool) -> Decision:
         if now.tzinfo is None:
             raise ValueError("now must be timezone-aware")
         destination = parse_destination(attempt.number)
@@ -127,7 +155,10 @@ class Guard:
                     zones=destination.zones,
                     token=parse_token(attempt.token),
                 )
+                sent = time.perf_counter()
                 row = await asyncio.wait_for(self.ledger.decide(request), self.timeout)
+                if self.ledger_observers:
+                    self._notify_ledger(time.perf_counter() - sent)
                 if row["status"] != "retry":
                     break
                 residence = Residence(row["residence_territory"], row["residence_departement"])
@@ -179,7 +210,7 @@ class Guard:
             reasons=ordered,
             next_allowed_at=next_allowed,
             consumer=destination.e164 if destination.valid else None,
-            territories=tuple(p.territory for p in evaluation.places) or destination.territories,
+            territories=tuple(dict.fromkeys(p.territory for p in evaluation.places)) or destination.territories,
             zones=tuple(dict.fromkeys(p.zone for p in evaluation.places)) or destination.zones,
             campaign_id=attempt.campaign_id,
             order_giver=campaign.order_giver if campaign else None,

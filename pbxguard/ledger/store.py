@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import os
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime
 from pathlib import Path
@@ -427,6 +427,145 @@ class Ledger:
                 "SELECT * FROM pbxguard.decisions WHERE id = $1", decision_id
             )
         return row
+
+    # -- bulk consents, the journal read side (API, dashboard, stats) ------------------------------
+
+    async def import_consents(
+        self,
+        order_giver: str,
+        batches: Iterable[Sequence[tuple[str, datetime, str | None, str | None, bool]]],
+        on_batch: Callable[[int], None] | None = None,
+    ) -> int:
+        """COPY consents (consumer, given_at, source, proof, off_hours) in one transaction.
+
+        `batches` is read lazily: the file is validated while it streams, and an exception raised
+        by it (a bad line) rolls everything back, so a file is imported whole or not at all.
+        """
+        total = 0
+        async with self._conn() as conn, conn.transaction():
+            await self._require_order_giver(conn, order_giver)
+            for batch in batches:
+                await conn.copy_records_to_table(
+                    "consents",
+                    schema_name="pbxguard",
+                    columns=["consumer", "order_giver", "given_at", "source", "proof", "off_hours"],
+                    records=[(r[0], order_giver, r[1], r[2], r[3], r[4]) for r in batch],
+                )
+                total += len(batch)
+                if on_batch is not None:
+                    on_batch(total)
+        return total
+
+    async def consents_count(self, order_giver: str | None = None) -> int:
+        async with self._conn() as conn:
+            value = await conn.fetchval(
+                "SELECT count(*) FROM pbxguard.consents WHERE $1::text IS NULL OR order_giver = $1",
+                order_giver,
+            )
+        return int(value)
+
+    async def list_decisions(
+        self,
+        where: DecisionFilter,
+        limit: int,
+        after: tuple[datetime, uuid.UUID] | None = None,
+    ) -> list[asyncpg.Record]:
+        """Journal rows, newest first, keyset-paginated on (decided_at, id)."""
+        args: list[Any] = []
+        clauses = where.clauses(args)
+        if after is not None:
+            args.extend(after)
+            clauses.append(f"(decided_at, id) < (${len(args) - 1}, ${len(args)})")
+        args.append(limit)
+        sql = (
+            "SELECT * FROM pbxguard.decisions WHERE "
+            + " AND ".join(clauses)
+            + f" ORDER BY decided_at DESC, id DESC LIMIT ${len(args)}"
+        )
+        async with self._conn() as conn:
+            rows: list[asyncpg.Record] = await conn.fetch(sql, *args)
+        return rows
+
+    async def decision_counts(self, where: DecisionFilter, zone: str) -> list[asyncpg.Record]:
+        """(day, campaign, order_giver, verdict, shadow, n): days are calendar days in `zone`."""
+        args: list[Any] = [zone]
+        clauses = where.clauses(args)
+        sql = (
+            "SELECT (decided_at AT TIME ZONE $1)::date AS day, campaign, order_giver, verdict, shadow,"
+            " count(*) AS n FROM pbxguard.decisions WHERE "
+            + " AND ".join(clauses)
+            + " GROUP BY 1, 2, 3, 4, 5"
+        )
+        async with self._conn() as conn:
+            rows: list[asyncpg.Record] = await conn.fetch(sql, *args)
+        return rows
+
+    async def reason_counts(self, where: DecisionFilter, zone: str) -> list[asyncpg.Record]:
+        """(day, reason, n) over blocked decisions: a decision with two reasons counts under both."""
+        args: list[Any] = [zone]
+        clauses = [*where.clauses(args), "verdict = 'block'"]
+        sql = (
+            "SELECT (decided_at AT TIME ZONE $1)::date AS day, r.reason, count(*) AS n"
+            " FROM pbxguard.decisions CROSS JOIN LATERAL unnest(reasons) AS r(reason) WHERE "
+            + " AND ".join(clauses)
+            + " GROUP BY 1, 2"
+        )
+        async with self._conn() as conn:
+            rows: list[asyncpg.Record] = await conn.fetch(sql, *args)
+        return rows
+
+    async def order_givers(self) -> list[str]:
+        async with self._conn() as conn:
+            rows = await conn.fetch("SELECT name FROM pbxguard.order_givers ORDER BY name")
+        return [str(row["name"]) for row in rows]
+
+    async def journal_unsealed(self) -> int | None:
+        """Journal rows not yet sealed into the hash chain (`seq IS NULL`); None before that column exists."""
+        async with self._conn() as conn:
+            has_seq = await conn.fetchval(
+                """
+                SELECT true FROM information_schema.columns
+                 WHERE table_schema = 'pbxguard' AND table_name = 'decisions' AND column_name = $1
+                """,
+                "seq",
+            )
+            if not has_seq:
+                return None
+            value = await conn.fetchval(
+                "SELECT count(*) FROM pbxguard.decisions WHERE seq IS NULL", timeout=5
+            )
+        return int(value)
+
+
+@dataclass(frozen=True, slots=True)
+class DecisionFilter:
+    """Filters on the journal; every value becomes a query parameter, never SQL text."""
+
+    start: datetime | None = None  # decided_at >= start
+    end: datetime | None = None  # decided_at < end
+    campaign: str | None = None
+    order_giver: str | None = None
+    consumer: str | None = None
+    verdict: str | None = None
+    reason: str | None = None
+
+    def clauses(self, args: list[Any]) -> list[str]:
+        clauses = ["true"]
+        for column, op, value in (
+            ("decided_at", ">=", self.start),
+            ("decided_at", "<", self.end),
+            ("campaign", "=", self.campaign),
+            ("order_giver", "=", self.order_giver),
+            ("consumer", "=", self.consumer),
+            ("verdict", "=", self.verdict),
+        ):
+            if value is not None:
+                args.append(value)
+                clauses.append(f"{column} {op} ${len(args)}")
+        if self.reason is not None:
+            args.append(self.reason)
+            clauses.append(f"${len(args)} = ANY (reasons)")
+        return clauses
 
 
 def campaign_from_row(row: asyncpg.Record) -> Campaign:

@@ -11,11 +11,12 @@ import dataclasses
 import enum
 import ipaddress
 import os
+import re
 import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
-from datetime import date
+from datetime import date, datetime
 from pathlib import Path
 from typing import Any
 
@@ -76,18 +77,43 @@ class AsteriskConfig:
     ari: AriUpstreamConfig = field(default_factory=AriUpstreamConfig)
 
 
+# What a dialer needs. Never Command, nor anything that reads or changes Asterisk's configuration.
+DEFAULT_AMI_ACTIONS: tuple[str, ...] = (
+    "Login", "Logoff", "Challenge", "Ping", "Events", "Filter", "WaitEvent", "Originate", "Hangup",
+    "Status", "CoreShowChannels", "CoreStatus", "CoreSettings", "ListCommands", "Getvar", "Setvar",
+    "UserEvent", "Redirect", "Atxfer", "BlindTransfer", "Bridge", "PlayDTMF", "AbsoluteTimeout",
+    "ExtensionState", "DBGet", "QueueStatus", "QueueSummary", "QueueAdd", "QueueRemove", "QueuePause",
+    "MixMonitor", "StopMixMonitor", "MixMonitorMute", "Monitor", "StopMonitor",
+)  # fmt: skip
+
+
 @dataclass(frozen=True, slots=True)
 class AmiUserConfig:
     username: str
     secret: Secret
-    campaign: str = ""
-    allow_dangerous: bool = False
+    campaign: str = ""  # when the Originate names none (PBXGUARD_CAMPAIGN variable, then Account)
+    allow_dangerous: bool = False  # may originate System(), SHELL(), remote AGI... (admin tools only)
+    allowed_actions: tuple[str, ...] = DEFAULT_AMI_ACTIONS  # case-insensitive; others: Permission denied
 
 
 @dataclass(frozen=True, slots=True)
 class AmiGateConfig:
     listen: str = ""  # e.g. 127.0.0.1:5039 ; empty: the AMI gate is off
     users: tuple[AmiUserConfig, ...] = ()
+    # Regexes matched against the whole Channel, with a (?P<number>...) group, tried before the
+    # built-in ones (PJSIP/NUM@trunk, PJSIP/trunk/sip:NUM@host, SIP/trunk/NUM, SIP/NUM@peer,
+    # IAX2/peer/NUM, DAHDI/g1/NUM, Local/NUM@context).
+    dial_patterns: tuple[str, ...] = ()
+    builtin_dial_patterns: bool = True
+    strip_prefixes: tuple[str, ...] = ()  # removed in order from the number, e.g. ["9"] for a dial-out 9
+    international_prefix: str = "00"  # replaced by "+"; "" keeps it
+    # Channels that are agents' phones, not consumers (regexes on the whole Channel): an Originate
+    # from one is checked on the numbers its Dial/Page application calls, if any.
+    internal_channels: tuple[str, ...] = ()
+    max_clients: int = 256
+    login_timeout_ms: int = 30000
+    client_buffer_bytes: int = 1048576  # a client that lets more output pile up is disconnected
+    max_pending_actions: int = 1000  # per client, actions sent to Asterisk and not answered yet
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,7 +203,7 @@ def _convert(path: str, hint: Any, value: Any, table: dict[str, Any]) -> Any:
             raise ConfigError(f"{path}: {value!r} is not one of {', '.join(choices)}")
         return value
     if hint is date:
-        if isinstance(value, date):
+        if isinstance(value, date) and not isinstance(value, datetime):  # a date-time is not a date
             return value
         if isinstance(value, str):
             try:
@@ -224,9 +250,12 @@ def _read_secret_file(path: str, value: Any) -> str:
     if not isinstance(value, str):
         raise ConfigError(f"{path}: expected a file path")
     try:
-        return Path(value).read_text(encoding="utf-8").splitlines()[0].strip()
-    except (OSError, IndexError) as exc:
-        raise ConfigError(f"{path}: cannot read {value}: {exc}") from None
+        secret = Path(value).read_text(encoding="utf-8").splitlines()[0].strip()
+    except (OSError, IndexError, ValueError) as exc:  # ValueError: NUL in the path, not UTF-8
+        raise ConfigError(f"{path}: cannot read {value!r}: {exc}") from None
+    if not secret:
+        raise ConfigError(f"{path}: the first line of {value!r} is empty")
+    return secret
 
 
 _ENV: dict[str, tuple[str, ...]] = {
@@ -248,9 +277,10 @@ def _apply_env(table: dict[str, Any], env: typing.Mapping[str, str]) -> None:
             continue
         node = table
         for key in keys[:-1]:
-            child = node.setdefault(key, {})
+            child = node.get(key, {})
             if not isinstance(child, dict):
                 raise ConfigError(f"{'.'.join(keys[:-1])}: expected a table")
+            node[key] = child = dict(child)  # a copy: the caller's tables stay as they were
             node = child
         node[keys[-1]] = value
 
@@ -274,6 +304,8 @@ def load(explicit: str | None = None, env: typing.Mapping[str, str] | None = Non
             table = tomllib.loads(path.read_text(encoding="utf-8"))
         except OSError as exc:
             raise ConfigError(f"cannot read configuration {path}: {exc.strerror}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path}: not UTF-8 text") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     return parse(table, environ, source=str(path) if path else "")
@@ -290,7 +322,7 @@ def parse(table: dict[str, Any], env: typing.Mapping[str, str] | None = None, so
 
 def parse_listen(path: str, value: str) -> tuple[str, int]:
     host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    if not sep or not host or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
         raise ConfigError(f"{path}: expected HOST:PORT, got {value!r}")
     return host.strip("[]"), int(port)
 
@@ -302,6 +334,24 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def _validate_ami_gate(gate: AmiGateConfig) -> None:
+    for key, patterns in (
+        ("dial_patterns", gate.dial_patterns),
+        ("internal_channels", gate.internal_channels),
+    ):
+        for index, text in enumerate(patterns):
+            try:
+                compiled = re.compile(text)
+            except re.error as exc:
+                raise ConfigError(f"gates.ami.{key}[{index}]: not a valid regex: {exc}") from None
+            if key == "dial_patterns" and "number" not in compiled.groupindex:
+                raise ConfigError(f"gates.ami.dial_patterns[{index}]: needs a (?P<number>...) group")
+    if gate.max_clients < 1 or gate.login_timeout_ms < 1 or gate.client_buffer_bytes < 4096:
+        raise ConfigError("gates.ami: max_clients, login_timeout_ms >= 1 and client_buffer_bytes >= 4096")
+    if gate.max_pending_actions < 1:
+        raise ConfigError("gates.ami.max_pending_actions: must be at least 1")
 
 
 def validate(config: Config) -> None:
@@ -326,6 +376,7 @@ def validate(config: Config) -> None:
                 raise ConfigError(f"gates.ami.users[{index}]: username and secret are required")
         if not config.asterisk.ami.username or not config.asterisk.ami.secret:
             raise ConfigError("asterisk.ami: username and secret are required when the AMI gate is on")
+        _validate_ami_gate(config.gates.ami)
     if config.asterisk.ari.url and (not config.asterisk.ari.username or not config.asterisk.ari.password):
         raise ConfigError("asterisk.ari: username and password are required when url is set")
     policy = config.policy
@@ -337,6 +388,13 @@ def validate(config: Config) -> None:
         raise ConfigError("policy.end_guard_minutes: at most 60")
     if policy.consent_max_age_days is not None and policy.consent_max_age_days < 1:
         raise ConfigError("policy.consent_max_age_days: must be at least 1")
+    # Larger values would make every decision fail (dates out of range, integers out of range).
+    for key in ("frequency_window_days", "refusal_quiet_days", "bloctel_validity_days", "consent_max_age_days"):
+        days = getattr(policy, key)
+        if days is not None and days > 36500:
+            raise ConfigError(f"policy.{key}: at most 36500 days")
+    if policy.frequency_cap > 1000:
+        raise ConfigError("policy.frequency_cap: at most 1000")
     if config.database.pool_min < 1 or config.database.pool_max < config.database.pool_min:
         raise ConfigError("database.pool_max: must be at least pool_min (>= 1)")
     if config.database.timeout_ms < 1:

@@ -121,6 +121,7 @@ class Ledger:
                 max_size=max_size,
                 command_timeout=30,
                 server_settings={"application_name": "pbxguard", "timezone": "UTC"},
+                reset=_keep_session,
             )
         except (OSError, asyncpg.PostgresError) as exc:
             raise StoreError(f"cannot connect to PostgreSQL: {exc}") from None
@@ -566,6 +567,15 @@ class DecisionFilter:
             args.append(self.reason)
             clauses.append(f"${len(args)} = ANY (reasons)")
         return clauses
+
+
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """Skips asyncpg's reset query on release: one round trip less per decision.
+
+    pbxguard's sessions never change state that outlives a transaction: no SET, no LISTEN, no
+    cursor kept open, advisory locks only at transaction level (the migration lock is released in a
+    finally).  An open transaction is still rolled back by the pool before this is called.
+    """
 
 
 def campaign_from_row(row: asyncpg.Record) -> Campaign:

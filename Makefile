@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 PBXGUARD_ASTERISK_BIN ?= $(firstword $(shell command -v asterisk 2>/dev/null) $(wildcard /opt/asterisk/sbin/asterisk))
 export PBXGUARD_ASTERISK_BIN
 
-.PHONY: run test lint typecheck unit bench bench-full clean install dev
+.PHONY: run test lint typecheck unit bench bench-full bench-smoke clean install dev
 
 $(BIN)/pbxguard: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,7 +37,11 @@ typecheck: dev
 unit: dev
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
-test: lint typecheck unit
+# The benchmarks' smoke run: every path exercised, no speed asserted (the figures are in `make bench`).
+bench-smoke: dev
+	$(BIN)/python -m bench --quick
+
+test: lint typecheck unit bench-smoke
 
 bench: dev
 	$(BIN)/python -m bench $(BENCH_ARGS)

@@ -1,0 +1,126 @@
+"""What every benchmark shares: a throwaway PostgreSQL, a legal campaign, percentiles, a clock."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import socket
+import statistics
+import tempfile
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime
+from pathlib import Path
+
+from pbxguard.ledger.pgcluster import LocalCluster
+from pbxguard.ledger.store import Ledger
+from pbxguard.policy.model import Campaign
+
+# A Tuesday, 10:30 in Paris: a legal instant, so decisions go all the way to the ledger.
+LEGAL_NOW = datetime(2026, 12, 1, 9, 30, tzinfo=UTC)
+CALLER_ID = "0162123456"
+
+
+@dataclass
+class Figure:
+    key: str
+    value: float | None
+    unit: str = ""
+    baseline: str = ""
+    target: str = ""
+    met: bool | None = None
+    note: str = ""
+
+
+@dataclass
+class Report:
+    figures: list[Figure] = field(default_factory=list)
+
+    def add(self, figure: Figure) -> None:
+        self.figures.append(figure)
+        print(f"  {figure.key} = {fmt(figure.value)} {figure.unit}  {figure.note}", flush=True)
+
+
+def fmt(value: float | None) -> str:
+    if value is None:
+        return "n/a"
+    if value >= 100:
+        return f"{value:,.0f}"
+    return f"{value:.3g}"
+
+
+def percentile(samples: list[float], q: float) -> float:
+    if not samples:
+        return float("nan")
+    ordered = sorted(samples)
+    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[index]
+
+
+def median(samples: list[float]) -> float:
+    return statistics.median(samples) if samples else float("nan")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@asynccontextmanager
+async def throwaway_cluster(durable: bool = True) -> AsyncIterator[LocalCluster]:
+    """A private PostgreSQL configured like the embedded default (fsync and synchronous commit on)."""
+    root = Path(tempfile.mkdtemp(prefix="pbxg-bench-", dir="/tmp"))
+    os.chmod(root, 0o755)  # the unprivileged server account must reach its folder
+    cluster = LocalCluster(root / "c", durable=durable, tcp=False)
+    await asyncio.to_thread(cluster.start)
+    try:
+        yield cluster
+    finally:
+        await asyncio.to_thread(cluster.stop, "immediate")
+        shutil.rmtree(root, ignore_errors=True)
+
+
+async def legal_campaign(ledger: Ledger) -> None:
+    """A campaign whose calls are legal at LEGAL_NOW for any +336 number given consent."""
+    await ledger.add_campaign(Campaign("bench", "BENCH", automated=True))
+    await ledger.authorize_caller_id("+33162123456", "BENCH", date(2026, 1, 1), None, "bench")
+
+
+async def grant_consents(ledger: Ledger, numbers: list[str], off_hours: bool = False) -> None:
+    """Consents by COPY.  Off-hours consent makes the wall-clock time irrelevant to the daemon's
+    decisions, so a gate benchmark run at night still exercises the allowed path."""
+    if not numbers:
+        return
+    async with ledger.pool.acquire() as conn:
+        await conn.copy_records_to_table(
+            "consents",
+            schema_name="pbxguard",
+            columns=["consumer", "order_giver", "given_at", "off_hours"],
+            records=[(n, "BENCH", datetime(2026, 1, 1, tzinfo=UTC), off_hours) for n in numbers],
+        )
+
+
+def consumer(i: int) -> str:
+    return f"+336{i:08d}"
+
+
+async def rate(worker: Callable[[int], Awaitable[None]], concurrency: int, per_worker: int) -> float:
+    """Operations per second of `concurrency` workers each doing `per_worker` operations."""
+    started = time.perf_counter()
+    await asyncio.gather(*(worker(w) for w in range(concurrency)))
+    return concurrency * per_worker / (time.perf_counter() - started)
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS")
+
+
+def cpu_count() -> int:
+    return len(os.sched_getaffinity(0))

@@ -1,0 +1,91 @@
+"""ledger_ratio: reserve-attempt round trips per second ÷ `SELECT 1` round trips per second, on the
+same pool, one at a time and 32 at once.  A reservation is the whole ledger side of a decision: the
+campaign and facts read, the rules, the attempt and the journal row written, committed durably."""
+
+from __future__ import annotations
+
+import dataclasses
+import uuid
+
+from bench.common import CALLER_ID, LEGAL_NOW, Figure, consumer, grant_consents, rate
+from pbxguard.guard import Guard
+from pbxguard.ledger.store import DecideRequest, Ledger
+from pbxguard.policy.model import CallAttempt
+
+
+async def template_request(ledger: Ledger) -> DecideRequest:
+    """The request the guard sends for a legal call, captured once and varied per reservation."""
+    captured: list[DecideRequest] = []
+    original = ledger.decide
+
+    async def capture(request: DecideRequest):  # type: ignore[no-untyped-def]
+        captured.append(request)
+        return await original(request)
+
+    ledger.decide = capture  # type: ignore[method-assign]
+    try:
+        decision = await Guard(ledger).decide(
+            CallAttempt(consumer(999_999), "bench", CALLER_ID, gate="bench", call_key="template"), LEGAL_NOW
+        )
+    finally:
+        ledger.decide = original  # type: ignore[method-assign]
+    assert decision.allowed, decision.reasons
+    return captured[0]
+
+
+async def run(url: str, per_worker_1: int) -> list[Figure]:
+    ledger = await Ledger.connect(url, min_size=32, max_size=32)
+    figures = []
+    try:
+        # Consumers who consented, so that every reservation takes the allowed path and writes both
+        # the attempt and the journal row.
+        await grant_consents(
+            ledger, [consumer(999_999)] + [f"+3365{n:07d}" for n in range(2_000_000, 2_020_000)]
+        )
+        template = await template_request(ledger)
+        serial = iter(range(2_000_000, 2_020_000))
+
+        async def select_one(_: int) -> None:
+            async with ledger.pool.acquire() as conn:
+                await conn.fetchval("SELECT 1")
+
+        async def reserve(_: int) -> None:
+            n = next(serial)
+            row = await ledger.decide(
+                dataclasses.replace(
+                    template, decision_id=uuid.uuid4(), call_key=f"l{n}", consumer=f"+3365{n:07d}"
+                )
+            )
+            assert row["status"] == "decided"
+
+        ratios = {}
+        for concurrency in (1, 32):
+            per_worker = per_worker_1 if concurrency == 1 else max(20, per_worker_1 // 16)
+
+            async def loop_select(_: int, n: int = per_worker) -> None:
+                for i in range(n):
+                    await select_one(i)
+
+            async def loop_reserve(_: int, n: int = per_worker) -> None:
+                for i in range(n):
+                    await reserve(i)
+
+            await rate(loop_select, concurrency, max(5, per_worker // 10))  # warm the pool
+            await rate(loop_reserve, concurrency, max(5, per_worker // 10))
+            baseline = await rate(loop_select, concurrency, per_worker)
+            measured = await rate(loop_reserve, concurrency, per_worker)
+            ratios[concurrency] = (measured / baseline, measured, baseline)
+            print(
+                f"    concurrency {concurrency}: SELECT 1 {baseline:,.0f}/s, reserve {measured:,.0f}/s, "
+                f"ratio {measured / baseline:.2f}",
+                flush=True,
+            )
+        worst = min(r[0] for r in ratios.values())
+        figures.append(Figure(
+            "ledger_ratio", worst, "", baseline="SELECT 1 on the same pool",
+            target=">= 0.5", met=worst >= 0.5,
+            note="(" + ", ".join(f"c={c}: {r[0]:.2f}" for c, r in ratios.items()) + "; the lower is reported)",
+        ))  # fmt: skip
+    finally:
+        await ledger.close()
+    return figures

@@ -49,3 +49,10 @@ def configure(fmt: str = "json", level: str = "info") -> None:
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     root.propagate = False
+    # Libraries log too (asyncpg's pool when PostgreSQL goes away, asyncio's unhandled errors):
+    # through the same handler, so that every line of the daemon's output is one JSON object.
+    for name in ("asyncpg", "asyncio", "aiohttp"):
+        library = logging.getLogger(name)
+        library.handlers[:] = [handler]
+        library.setLevel(max(logging.WARNING, root.level))
+        library.propagate = False

@@ -268,7 +268,40 @@ def parse_destination(raw: str) -> Destination:
     """
     if not isinstance(raw, str):
         return Destination(raw=str(raw), e164=None, valid=False)
+    if _BLOCK_FORM.fullmatch(raw):
+        return _parse_in_block(raw)
     return _parse_destination(raw)
+
+
+# A number written as digits only, national or E.164 with a French country code, that is neither short,
+# M2M (0700, 13 digits) nor Saint-Pierre-et-Miquelon (+508, 6 digits).
+_BLOCK_FORM: Final = re.compile(r"(?:0|\+33|\+262|\+590|\+594|\+596)[1-9][0-9]{8}")
+_BLOCKS_MAX: Final = 200_000
+
+
+def _parse_in_block(raw: str) -> Destination:
+    """Numbers are allocated by blocks of 10,000 (ZABPQ + MCDU, Arcep): the last four digits never
+    change a number's validity, type or territory, and phonenumbers' metadata never looks at them.
+    The full parse (tens of microseconds) runs once per block and written form; every other number of
+    the block reuses its result with its own last four digits.  tests/policy/test_numbers.py checks
+    this against the full parse over every French range."""
+    key, tail = raw[:-4], raw[-4:]
+    template = _BLOCKS.get(key)
+    if template is None:
+        template = _parse_destination(raw)
+        if template.e164 is not None and not template.e164.endswith(tail):
+            return template  # a form whose digits the E.164 rewrites: never reused
+        if len(_BLOCKS) >= _BLOCKS_MAX:
+            _BLOCKS.clear()  # bounded memory; the blocks a campaign calls come back at once
+        _BLOCKS[key] = template
+        if template.raw == raw:
+            return template
+    e164 = template.e164[:-4] + tail if template.e164 is not None else None
+    return Destination(raw=raw, e164=e164, valid=template.valid, territories=template.territories, zones=template.zones)
+
+
+# Immutable results only, keyed by a written prefix: sharing them across decisions changes nothing.
+_BLOCKS: dict[str, Destination] = {}
 
 
 @lru_cache(maxsize=16384)

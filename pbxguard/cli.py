@@ -513,9 +513,12 @@ async def cmd_consent_import(args: argparse.Namespace, ledger: Ledger) -> int:
 async def cmd_stats(args: argparse.Namespace, config: Config, ledger: Ledger) -> int:
     from pbxguard.api import stats as stats_module
 
-    result = await stats_module.collect(
-        ledger, _now(), args.since, args.until, args.campaign, args.order_giver
-    )
+    try:
+        result = await stats_module.collect(
+            ledger, _now(), args.since, args.until, args.campaign, args.order_giver
+        )
+    except stats_module.PeriodTooLong as exc:
+        raise UsageError(str(exc)) from None
     _print(args, result.to_json(), stats_module.render_text(result))
     return EXIT_OK
 

@@ -114,6 +114,13 @@ class AmiGateConfig:
     login_timeout_ms: int = 30000
     client_buffer_bytes: int = 1048576  # a client that lets more output pile up is disconnected
     max_pending_actions: int = 1000  # per client, actions sent to Asterisk and not answered yet
+    # Failed logins: after this many in the window, from one address or for one username, further
+    # logins are refused unchecked, each answered after a delay that doubles up to the cap.
+    max_login_failures: int = 5
+    login_failure_window_ms: int = 60000
+    login_backoff_max_ms: int = 30000
+    tls_cert: str = ""  # PEM certificate chain; with tls_key, dialers connect with TLS (both or neither)
+    tls_key: str = ""  # PEM private key
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +128,9 @@ class AgiGateConfig:
     listen: str = ""  # e.g. 127.0.0.1:4573 ; empty: the FastAGI gate is off
     timeout_ms: int = 2000
     max_connections: int = 512  # beyond this a connection is refused (the dialplan then blocks)
+    # FastAGI has no authentication: a non-loopback listen address is refused unless this is set
+    # (a trusted network between Asterisk and pbxguard only).
+    allow_remote: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,6 +143,11 @@ class GatesConfig:
 class HttpConfig:
     listen: str = "127.0.0.1:8780"
     token: Secret = NO_SECRET
+    tls_cert: str = ""  # PEM certificate chain; with tls_key, the API is served over HTTPS (both or neither)
+    tls_key: str = ""  # PEM private key
+    max_connections: int = 512  # beyond this, a new connection displaces an idle one or gets a 503
+    idle_timeout_ms: int = 30000  # no whole request head this long after connecting or a response: closed
+    body_timeout_ms: int = 120000  # a request body not received within this: 408
 
 
 @dataclass(frozen=True, slots=True)
@@ -336,6 +351,38 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def _validate_tls(section: str, cert: str, key: str) -> None:
+    """Both paths or neither; both readable, and a certificate with its key, at load time."""
+    if bool(cert) != bool(key):
+        missing, given = ("tls_key", "tls_cert") if cert else ("tls_cert", "tls_key")
+        raise ConfigError(f"{section}.{missing}: required with {section}.{given}")
+    if not cert:
+        return
+    for name, value in (("tls_cert", cert), ("tls_key", key)):
+        try:
+            with open(value, "rb") as handle:
+                handle.read(1)
+        except (OSError, ValueError) as exc:  # ValueError: NUL in the path
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise ConfigError(f"{section}.{name}: cannot read {value!r}: {reason}") from None
+    from pbxguard.tls import TlsError, server_context
+
+    try:
+        server_context(cert, key)
+    except TlsError as exc:
+        raise ConfigError(f"{section}.tls_cert: {exc}") from None
+
+
+_MAX_MS = 86_400_000  # a day: longer timeouts are mistakes (and overflow float seconds when absurd)
+
+
+def _validate_http(http: HttpConfig) -> None:
+    for key in ("max_connections", "idle_timeout_ms", "body_timeout_ms"):
+        if not 1 <= getattr(http, key) <= _MAX_MS:
+            raise ConfigError(f"http.{key}: must be between 1 and {_MAX_MS}")
+    _validate_tls("http", http.tls_cert, http.tls_key)
+
+
 def _validate_ami_gate(gate: AmiGateConfig) -> None:
     for key, patterns in (
         ("dial_patterns", gate.dial_patterns),
@@ -352,6 +399,10 @@ def _validate_ami_gate(gate: AmiGateConfig) -> None:
         raise ConfigError("gates.ami: max_clients, login_timeout_ms >= 1 and client_buffer_bytes >= 4096")
     if gate.max_pending_actions < 1:
         raise ConfigError("gates.ami.max_pending_actions: must be at least 1")
+    for key in ("max_login_failures", "login_failure_window_ms", "login_backoff_max_ms"):
+        if not 1 <= getattr(gate, key) <= _MAX_MS:
+            raise ConfigError(f"gates.ami.{key}: must be between 1 and {_MAX_MS}")
+    _validate_tls("gates.ami", gate.tls_cert, gate.tls_key)
 
 
 def validate(config: Config) -> None:
@@ -365,6 +416,14 @@ def validate(config: Config) -> None:
     host, _ = parse_listen("http.listen", config.http.listen)
     if not config.http.token and not is_loopback(host):
         raise ConfigError("http.token: required when http.listen is not a loopback address")
+    _validate_http(config.http)
+    agi = config.gates.agi
+    agi_host = parse_listen("gates.agi.listen", agi.listen)[0] if agi.listen else "127.0.0.1"
+    if not agi.allow_remote and not is_loopback(agi_host):
+        raise ConfigError(
+            "gates.agi.listen: FastAGI has no authentication: listen on a loopback address, or set "
+            "gates.agi.allow_remote = true for a trusted network between Asterisk and pbxguard"
+        )
     if config.gates.ami.listen:
         if not config.gates.ami.users:
             raise ConfigError("gates.ami.users: the AMI gate needs at least one user")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import resource
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,13 +20,19 @@ from aiohttp import web
 
 from pbxguard import logs
 from pbxguard.api import ApiContext, DecisionLog, Metrics, build_app
+from pbxguard.api.server import ConnectionLimit, LimitedSite
 from pbxguard.config import Config, parse_listen
 from pbxguard.guard import Guard
 from pbxguard.ledger import journal
 from pbxguard.ledger.store import Ledger
 from pbxguard.policy import numbers
+from pbxguard.tls import server_context
 
 log = logging.getLogger("pbxguard.daemon")
+
+
+def _not_started() -> bool:
+    return False
 
 
 @dataclass
@@ -119,6 +126,7 @@ class Daemon:
             ledger=lambda: self.ledger,
             metrics=self.metrics,
             ready_state=self.ready_state,
+            body_timeout=self.config.http.body_timeout_ms / 1000,
         )
         return build_app(context)
 
@@ -128,12 +136,30 @@ class Daemon:
         self._tasks.append(asyncio.create_task(self._watch_ledger(), name="ledger-watch"))
         self._tasks.append(asyncio.create_task(self.guard.run_flusher(), name="journal-completer"))
         self._tasks.append(asyncio.create_task(self._seal_journal(), name="journal-sealer"))
-        host, port = parse_listen("http.listen", self.config.http.listen)
-        self._runner = web.AppRunner(self.http_app(), access_log=None)
+        http = self.config.http
+        host, port = parse_listen("http.listen", http.listen)
+        idle = http.idle_timeout_ms / 1000
+        limit = ConnectionLimit(http.max_connections, idle)
+        app = self.http_app()
+        app.middlewares.insert(0, limit.middleware)
+        # keepalive_timeout also bounds the wait for the first request head (see api.server).
+        self._runner = web.AppRunner(
+            app, access_log=None, keepalive_timeout=idle, lingering_time=min(idle, 2.0)
+        )
         await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port)
+        tls = server_context(http.tls_cert, http.tls_key) if http.tls_cert else None
+        # /readyz answers from here on: not ready until every configured gate has started (each one
+        # replaces its entry in _start_gates; tests/faults/test_fault_daemon_kill.py).
+        for name, configured in (
+            ("ami", self.config.gates.ami.listen),
+            ("agi", self.config.gates.agi.listen),
+            ("ari", self.config.asterisk.ari.url),
+        ):
+            if configured:
+                self.readiness[name] = _not_started
+        site = LimitedSite(self._runner, host, port, limit, ssl_context=tls)
         await site.start()
-        log.info("http listening", extra={"fields": {"listen": self.config.http.listen}})
+        log.info("http listening", extra={"fields": {"listen": http.listen, "tls": tls is not None}})
         await self._start_gates()
 
     async def _start_gates(self) -> None:
@@ -202,8 +228,35 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> None:
         log.info("stopped")
 
 
+def raise_open_files_limit(config: Config) -> None:
+    """Every connection is a file descriptor: the soft limit goes up to the hard one, as servers do, and
+    a limit below what the connection caps can use is logged (systemd: LimitNOFILE)."""
+    gates = config.gates
+    need = (
+        config.http.max_connections
+        + (gates.ami.max_clients if gates.ami.listen else 0)
+        + (gates.agi.max_connections if gates.agi.listen else 0)
+        + config.database.pool_max
+        + 64
+    )
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < need:
+        target = max(need, 65536) if hard == resource.RLIM_INFINITY else hard
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+    if soft != resource.RLIM_INFINITY and soft < need:
+        log.warning(
+            "open files limit %d is below what the connection limits can use (%d): raise it "
+            "(LimitNOFILE=) or lower http.max_connections, gates.ami.max_clients, gates.agi.max_connections",
+            soft,
+            need,
+        )
+
+
 def run_daemon(config: Config, log_format: str | None = None) -> int:
     logs.configure(log_format or config.log.format, config.log.level)
+    raise_open_files_limit(config)
     try:
         import uvloop  # optional speed-up
 

@@ -22,7 +22,7 @@ def endpoint(ctx: ApiContext, route: Route) -> Handler:
         query = parse_fields(route.query, dict(request.query), from_text=True, where="query")
         body = (
             parse_fields(
-                route.body, await read_json_object(request, ctx.json_limit), from_text=False, where="body"
+                route.body, await read_json_object(request, ctx.json_limit, ctx.body_timeout), from_text=False, where="body"
             )
             if route.body is not None
             else {}
@@ -37,7 +37,9 @@ def endpoint(ctx: ApiContext, route: Route) -> Handler:
             StoreError,
             OSError,
             asyncpg.InterfaceError,
+            asyncpg.InternalClientError,
             asyncpg.PostgresConnectionError,
+            asyncpg.exceptions.OperatorInterventionError,
             TimeoutError,
         ) as exc:
             raise ApiError(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
@@ -11,6 +12,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import BodyPartReader, web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from pbxguard.api.errors import ApiError
 from pbxguard.api.metrics import Metrics
@@ -41,6 +43,7 @@ class ApiContext:
     clock: Callable[[], datetime] = utc_now
     json_limit: int = JSON_LIMIT
     upload_limit: int = UPLOAD_LIMIT
+    body_timeout: float | None = None  # seconds to receive a body (http.body_timeout_ms); None: no limit
 
     @property
     def token(self) -> str:
@@ -98,7 +101,21 @@ class ApiContext:
 # -- bodies ---------------------------------------------------------------------------------------
 
 
-async def read_limited(request: web.Request, limit: int) -> bytes:
+def _body_timeout(within: float | None) -> ApiError:
+    # The rest of the body is not worth waiting for: the connection is closed after the answer.
+    return ApiError(408, "request_timeout", f"request body not received within {within:g} s", close=True)
+
+
+async def read_limited(request: web.Request, limit: int, within: float | None = None) -> bytes:
+    """The body, at most `limit` bytes (else 413), received within `within` seconds (else 408)."""
+    try:
+        async with asyncio.timeout(within):
+            return await _read_limited(request, limit)
+    except TimeoutError:
+        raise _body_timeout(within) from None
+
+
+async def _read_limited(request: web.Request, limit: int) -> bytes:
     if request.content_length is not None and request.content_length > limit:
         raise ApiError(413, "body_too_large", f"request body larger than {limit} bytes")
     chunks: list[bytes] = []
@@ -115,11 +132,11 @@ def _reject_constant(value: str) -> Any:
     raise ValueError(f"{value} is not valid JSON")
 
 
-async def read_json_object(request: web.Request, limit: int) -> dict[str, Any]:
+async def read_json_object(request: web.Request, limit: int, within: float | None = None) -> dict[str, Any]:
     content_type = request.content_type if request.headers.get("Content-Type") else "application/json"
     if content_type != "application/json" and not content_type.endswith("+json"):
         raise ApiError(415, "unsupported_media_type", "send application/json")
-    raw = await read_limited(request, limit)
+    raw = await read_limited(request, limit, within)
     try:
         data = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
     except (UnicodeDecodeError, ValueError) as exc:
@@ -129,33 +146,51 @@ async def read_json_object(request: web.Request, limit: int) -> dict[str, Any]:
     return data
 
 
-async def read_upload(request: web.Request, limit: int) -> tuple[str, str | None]:
+async def read_upload(
+    request: web.Request, limit: int, within: float | None = None
+) -> tuple[str, str | None]:
     """A text file as `text/plain` (or `text/csv`, `application/octet-stream`) or as the multipart part `file`."""
+    try:
+        async with asyncio.timeout(within):
+            return await _read_upload(request, limit)
+    except TimeoutError:
+        raise _body_timeout(within) from None
+
+
+async def _read_upload(request: web.Request, limit: int) -> tuple[str, str | None]:
     content_type = request.content_type
     if content_type == "multipart/form-data":
         if request.content_length is not None and request.content_length > limit + 65536:
             raise ApiError(413, "body_too_large", f"upload larger than {limit} bytes")
-        reader = await request.multipart()
-        while True:
-            part = await reader.next()
-            if part is None:
-                raise ApiError(422, "invalid", "file: a multipart part named 'file' is required", "file")
-            if not isinstance(part, BodyPartReader) or part.name != "file":
-                await part.release()
-                continue
-            chunks: list[bytes] = []
-            size = 0
-            while chunk := await part.read_chunk(1 << 16):
-                size += len(chunk)
-                if size > limit:
-                    raise ApiError(413, "body_too_large", f"upload larger than {limit} bytes")
-                chunks.append(chunk)
-            return _decode(b"".join(chunks)), part.filename
+        try:
+            return await _read_multipart(request, limit)
+        except (HttpProcessingError, ValueError) as exc:  # aiohttp's multipart parser: bad part headers
+            message = getattr(exc, "message", None) or str(exc)
+            raise ApiError(400, "malformed_multipart", f"malformed multipart body: {message:.200}") from None
     if content_type in ("text/plain", "text/csv", "application/octet-stream"):
         return _decode(await read_limited(request, limit)), None
     raise ApiError(
         415, "unsupported_media_type", "send the file as text/plain or as multipart/form-data part 'file'"
     )
+
+
+async def _read_multipart(request: web.Request, limit: int) -> tuple[str, str | None]:
+    reader = await request.multipart()
+    while True:
+        part = await reader.next()
+        if part is None:
+            raise ApiError(422, "invalid", "file: a multipart part named 'file' is required", "file")
+        if not isinstance(part, BodyPartReader) or part.name != "file":
+            await part.release()
+            continue
+        chunks: list[bytes] = []
+        size = 0
+        while chunk := await part.read_chunk(1 << 16):
+            size += len(chunk)
+            if size > limit:
+                raise ApiError(413, "body_too_large", f"upload larger than {limit} bytes")
+            chunks.append(chunk)
+        return _decode(b"".join(chunks)), part.filename
 
 
 def _decode(raw: bytes) -> str:

@@ -121,6 +121,8 @@ async def render(ctx: ApiContext, query: dict[str, Any]) -> str:
             recent, campaigns, givers = await asyncio.gather(
                 ledger.list_decisions(where, RECENT_BLOCKED), ledger.campaigns(), ledger.order_givers()
             )
+        except stats_module.PeriodTooLong as exc:
+            error = f"No figures: {exc}."
         except (StoreError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
             log.warning("dashboard: ledger query failed: %s", exc)
             error = "The ledger did not answer: the figures below may be missing."

@@ -17,6 +17,7 @@ _CODES: dict[int, str] = {
     403: "forbidden",
     404: "not_found",
     405: "method_not_allowed",
+    408: "request_timeout",
     409: "conflict",
     413: "body_too_large",
     415: "unsupported_media_type",
@@ -34,6 +35,7 @@ class ApiError(Exception):
         message: str,
         field: str | None = None,
         headers: Mapping[str, str] | None = None,
+        close: bool = False,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -41,9 +43,13 @@ class ApiError(Exception):
         self.message = message
         self.field = field
         self.headers = dict(headers or {})
+        self.close = close  # close the connection after the answer (a body left half-read)
 
     def response(self) -> web.Response:
-        return error_response(self.status, self.code, self.message, self.field, self.headers)
+        response = error_response(self.status, self.code, self.message, self.field, self.headers)
+        if self.close:
+            response.force_close()
+        return response
 
 
 def invalid(field: str, message: str, code: str = "invalid") -> ApiError:

@@ -18,7 +18,7 @@ class Kind(enum.StrEnum):
     NAME = "name"  # identifiers and short labels: 1-200 characters, no control characters
     TEXT = "text"  # free text up to 2000 characters
     CONSUMER = "consumer"  # a valid French consumer number, returned as E.164
-    RAW_NUMBER = "raw_number"  # any dialled string up to 64 characters (the guard classifies it)
+    RAW_NUMBER = "raw_number"  # a dialled string: <= 64 characters, no control one (the guard classifies it)
     INSTANT = "instant"  # ISO 8601; without offset: Paris time
     DATE = "date"  # YYYY-MM-DD
     BOOLEAN = "boolean"
@@ -122,7 +122,7 @@ class Field:
             if self.max_items is not None and len(value) > self.max_items:
                 raise invalid(self.name, f"{self.name}: at most {self.max_items} numbers per request")
             for index, item in enumerate(value):
-                if not isinstance(item, str) or len(item) > 64:
+                if not isinstance(item, str) or len(item) > 64 or _has_control(item):
                     raise invalid(
                         f"{self.name}[{index}]", f"{self.name}[{index}]: expected a number as a string"
                     )
@@ -150,6 +150,8 @@ class Field:
         if kind is Kind.RAW_NUMBER:
             if len(value) > 64:
                 raise invalid(name, f"{name}: at most 64 characters")
+            if _has_control(value):  # NUL cannot even be stored: refused here rather than failing the ledger
+                raise invalid(name, f"{name}: control characters are not allowed")
             return value
         if kind is Kind.INSTANT:
             try:
@@ -191,6 +193,10 @@ class Field:
             except ValueError:
                 raise invalid(name, f"{name}: not a decision id (UUID)") from None
         return value
+
+
+def _has_control(text: str) -> bool:
+    return any(ord(ch) < 32 or ch == "\x7f" for ch in text)
 
 
 def parse_fields(

@@ -198,6 +198,8 @@ def _parameter(spec: Field, where: str) -> dict[str, Any]:
     if spec.description:
         param["description"] = spec.description
     param["schema"] = spec.schema()
+    if where == "query" and not spec.required:
+        param["allowEmptyValue"] = True  # `?from=&campaign=` (an HTML form's empty fields): absent
     return param
 
 
@@ -234,6 +236,7 @@ def operation(route: Route) -> dict[str, Any]:
             "content": {"application/json": {"schema": _body_schema(route.body)}},
         }
         responses.setdefault("400", _error("malformed JSON, or not a JSON object"))
+        responses.setdefault("408", _error("the body was not received within http.body_timeout_ms"))
         responses.setdefault("413", _error("body larger than 2 MiB"))
         responses.setdefault("415", _error("not application/json"))
     if route.upload:
@@ -248,6 +251,8 @@ def operation(route: Route) -> dict[str, Any]:
                 },
             },
         }
+        responses.setdefault("400", _error("malformed multipart body"))
+        responses.setdefault("408", _error("the file was not received within http.body_timeout_ms"))
         responses.setdefault("413", _error("file larger than 64 MiB"))
         responses.setdefault("415", _error("neither text/plain nor multipart/form-data"))
     if route.body is not None or route.upload or route.query or route.path_params:

@@ -260,9 +260,12 @@ async def get_decision(ctx: ApiContext, request: web.Request, args: Args) -> web
 
 async def get_stats(ctx: ApiContext, request: web.Request, args: Args) -> web.StreamResponse:
     q = args.query
-    result = await stats_module.collect(
-        ctx.require_ledger(), ctx.now(), q["since"], q["until"], q["campaign"], q["order_giver"]
-    )
+    try:
+        result = await stats_module.collect(
+            ctx.require_ledger(), ctx.now(), q["since"], q["until"], q["campaign"], q["order_giver"]
+        )
+    except stats_module.PeriodTooLong as exc:
+        raise invalid("since", f"since: {exc}") from None
     return json_reply(result.to_json())
 
 
@@ -365,7 +368,7 @@ async def put_consumer(ctx: ApiContext, request: web.Request, args: Args) -> web
 
 async def bloctel_import(ctx: ApiContext, request: web.Request, args: Args) -> web.StreamResponse:
     q = args.query
-    text, filename = await read_upload(request, ctx.upload_limit)
+    text, filename = await read_upload(request, ctx.upload_limit, ctx.body_timeout)
     try:
         # Validating millions of numbers is CPU work: off the event loop that serves the gates.
         numbers = await asyncio.to_thread(parse_number_lines, text.splitlines())

@@ -108,6 +108,15 @@ def _reason_key(code: str) -> tuple[int, str]:
         return (len(REASON_ORDER), code)
 
 
+# Every day of the period is a row of the answer (and a bar of the chart): a period of a century would
+# hold the event loop, which serves the gates too, for seconds. Three years cover any inspection.
+MAX_DAYS = 3 * 366
+
+
+class PeriodTooLong(ValueError):
+    pass
+
+
 async def collect(
     ledger: Ledger,
     now: datetime,
@@ -121,6 +130,8 @@ async def collect(
     since = since or min(default_since, until)
     if since > until:
         since, until = until, since
+    if (until - since).days >= MAX_DAYS:
+        raise PeriodTooLong(f"the period is longer than {MAX_DAYS} days: choose a shorter one")
     stats = Stats(since=since, until=until, campaign=campaign, order_giver=order_giver, today=today)
     where = DecisionFilter(
         start=day_start(since),

@@ -43,6 +43,13 @@ What a client sees besides Asterisk's own answers:
 Bounded: at most ``max_clients`` connections, ``login_timeout_ms`` to log in, ``client_buffer_bytes``
 of unread output per client (a slow reader is disconnected rather than slowing the others or
 pbxguard's own link, which Asterisk drops if it stops reading), ``max_pending_actions`` per client.
+When the gate is full, a new connection displaces the oldest one that has not logged in for
+``DISPLACE_AFTER`` seconds (idle connections cannot lock dialers out), else it is refused.
+
+Hardened: secrets are compared in constant time; after ``max_login_failures`` failed logins within
+``login_failure_window_ms`` from one address or for one username, further logins are refused
+unchecked with a doubling delay (:mod:`pbxguard.gates.login_throttle`); with ``tls_cert`` and
+``tls_key`` dialers connect over TLS (1.2 or later).
 """
 
 from __future__ import annotations
@@ -72,6 +79,7 @@ from pbxguard.gates.dialstring import (
     inspect_originate,
     reserved_variable,
 )
+from pbxguard.gates.login_throttle import LoginThrottle, throttle_keys
 from pbxguard.guard import Guard
 from pbxguard.logs import mask_number
 from pbxguard.monitor import Monitor
@@ -90,6 +98,7 @@ from pbxguard.protocols.ami import (
     parse_callerid,
     parse_event_mask,
 )
+from pbxguard.tls import server_context
 
 __all__ = ["ActionRouter", "AmiGate", "ClientSession", "Pending", "Route", "UpstreamLink"]
 
@@ -104,6 +113,8 @@ LINK_PREFIX: Final = "pbxg-link-"  # pbxguard's own actions (login, keepalive) o
 # Answered here, never forwarded: they change the state of the session that sends them.
 _LOCAL_ACTIONS: Final = frozenset({"login", "challenge", "logoff", "events", "filter", "waitevent"})
 _PRE_LOGIN: Final = frozenset({"login", "challenge", "logoff"})
+# A connection that has not logged in for this long may be displaced by a new one when the gate is full.
+DISPLACE_AFTER: Final = 1.0
 
 
 def _response(value: str, action_id: str | None, headers: list[tuple[str, str]] | None = None) -> Message:
@@ -558,7 +569,10 @@ class ClientSession:
         self.id = session_id
         self.reader = reader
         self.writer = writer
-        self.peer = str(writer.get_extra_info("peername"))
+        peername = writer.get_extra_info("peername")
+        self.peer = str(peername)
+        self.peer_host: str | None = str(peername[0]) if isinstance(peername, tuple) and peername else None
+        self.opened = asyncio.get_running_loop().time()
         self.user: AmiUserConfig | None = None
         self.allowed: frozenset[str] = frozenset()
         self.mask: EventMask = EVENTS_NONE
@@ -830,6 +844,19 @@ class ClientSession:
         if self.user is not None:
             return self._reply(_response("Success", action_id, [("Message", "Already authenticated")]))
         username = message.effective("Username") or ""
+        now = asyncio.get_running_loop().time()
+        keys = throttle_keys(self.peer_host, username)
+        throttle = self.gate.throttle
+        wait = throttle.delay(keys, now)
+        if wait is not None:
+            # Too many failures: refused without looking at the secret, so that guesses are worthless.
+            throttle.failure(keys, now)
+            log.warning(
+                "AMI login refused unchecked: too many failed logins",
+                extra={"fields": {"peer": self.peer, "username": username[:64], "delay_s": wait}},
+            )
+            self._stop_reading = True
+            return self._reply(_error(action_id, "Authentication failed"), close=True, delay=wait)
         user = self.gate.user(username)
         # Compare even for an unknown user, so that timing does not tell which names exist.
         secret = user.secret if user is not None else "\x00" * 24
@@ -840,12 +867,14 @@ class ClientSession:
         else:
             good = hmac.compare_digest(secret.encode(), (message.effective("Secret") or "").encode())
         if user is None or not good:
+            throttle.failure(keys, now)
             log.warning("AMI login failed", extra={"fields": {"peer": self.peer, "username": username[:64]}})
             self._stop_reading = True
             # Asterisk waits a second before answering a failed login, then hangs up.
             return self._reply(
                 _error(action_id, "Authentication failed"), close=True, delay=self.gate.auth_failure_delay
             )
+        throttle.success(username)
         self.user = user
         self.allowed = frozenset(a.lower() for a in user.allowed_actions) | _PRE_LOGIN
         self.mask = parse_event_mask(message.effective("Events") or "")
@@ -954,7 +983,6 @@ class ClientSession:
                 sync_originate=sync_originate,
             )
             gate.router.add(pending)
-            self._last_forward = pending
             if decision is not None:
                 gate.monitor.expect(upstream_id, decision.id)
             if not gate.link.send_bytes(data):
@@ -962,6 +990,9 @@ class ClientSession:
                 gate.monitor.cancel(upstream_id)
                 fail(NOT_CONNECTED)
                 return
+            # Only once written: replies pbxguard makes wait behind it, and a pending that was never
+            # sent is never answered (tests/faults/test_fault_asterisk.py).
+            self._last_forward = pending
             self.pending += 1
             await gate.link.drain()
 
@@ -1099,6 +1130,13 @@ class AmiGate:
         self.client_buffer_bytes = settings.client_buffer_bytes
         self.max_pending = settings.max_pending_actions
         self.auth_failure_delay = auth_failure_delay
+        self.throttle = LoginThrottle(
+            threshold=settings.max_login_failures,
+            window=settings.login_failure_window_ms / 1000,
+            base=auth_failure_delay,
+            cap=settings.login_backoff_max_ms / 1000,
+        )
+        self.ssl = server_context(settings.tls_cert, settings.tls_key) if settings.tls_cert else None
         self._users = {u.username.lower(): u for u in settings.users}
         self.router = ActionRouter()
         self.monitor = Monitor(guard, clock=clock)
@@ -1137,11 +1175,17 @@ class AmiGate:
 
     async def start(self) -> None:
         host, port = self.listen_at
-        self._server = await asyncio.start_server(self._accept, host, port, backlog=128)
+        tls: dict[str, Any] = {}
+        if self.ssl is not None:
+            tls = {"ssl": self.ssl, "ssl_handshake_timeout": min(self.login_timeout, 60.0)}
+        self._server = await asyncio.start_server(self._accept, host, port, backlog=512, **tls)
         await self.monitor.start()
         await self.link.start()
         self._sweeper = asyncio.create_task(self._sweep(), name="ami-sweeper")
-        log.info("AMI gate listening", extra={"fields": {"listen": f"{host}:{self.address[1]}"}})
+        log.info(
+            "AMI gate listening",
+            extra={"fields": {"listen": f"{host}:{self.address[1]}", "tls": self.ssl is not None}},
+        )
 
     async def stop(self) -> None:
         if self._server is not None:
@@ -1178,7 +1222,7 @@ class AmiGate:
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
-        if len(self.sessions) >= self.max_clients:
+        if len(self.sessions) >= self.max_clients and not self._displace_one():
             log.warning("AMI client refused: %d connections already", len(self.sessions))
             writer.write(encode(_error(None, "pbxguard: too many connections")))
             writer.close()
@@ -1195,6 +1239,21 @@ class AmiGate:
             self.router.detach(session)
             if task is not None:
                 self._tasks.discard(task)
+
+    def _displace_one(self) -> bool:
+        """Closes the oldest connection still not logged in after DISPLACE_AFTER; False if none."""
+        now = asyncio.get_running_loop().time()
+        idle = [s for s in self.sessions if s.user is None and now - s.opened >= DISPLACE_AFTER]
+        if not idle:
+            return False
+        victim = min(idle, key=lambda s: s.opened)
+        log.info(
+            "AMI client displaced: not logged in and the gate is full",
+            extra={"fields": {"peer": victim.peer, "idle_s": round(now - victim.opened, 1)}},
+        )
+        victim.abort()
+        self.sessions.discard(victim)
+        return True
 
     # -- upstream ---------------------------------------------------------------------------------
 

@@ -20,7 +20,12 @@ must be done by the deadline minus a reserve kept for writing the answer; a deci
 that is late becomes ``BLOCK`` / ``STORE_UNAVAILABLE``. A client that closes early, sends garbage,
 hangs up mid-exchange or is too slow costs one log line and its connection, nothing more. When the
 gate cannot answer at all, the shipped dialplan blocks anyway: it cleared ``PBXGUARD_VERDICT`` before
-asking and dials only when it reads ``ALLOW``.
+asking and dials only when it reads ``ALLOW``. At ``gates.agi.max_connections``, a new connection
+displaces the oldest one that has not sent its environment for ``DISPLACE_AFTER`` seconds (Asterisk
+sends it at once), else it is refused.
+
+FastAGI has no authentication: whoever reaches the port can ask for decisions and record refusals.
+The configuration refuses a non-loopback ``gates.agi.listen`` unless ``gates.agi.allow_remote``.
 """
 
 from __future__ import annotations
@@ -67,6 +72,8 @@ _MIN_REPLY_RESERVE: Final = 0.05
 _MAX_REPLY_RESERVE: Final = 0.5
 # At most one "connection refused: too many" line per this many seconds (a flood must not flood logs).
 _OVERFLOW_LOG_INTERVAL: Final = 5.0
+# A connection without its environment after this long (at most half the timeout) may be displaced.
+DISPLACE_AFTER: Final = 1.0
 
 
 # -- pure part --------------------------------------------------------------------------------------
@@ -260,6 +267,8 @@ class FastAgiGate:
         self._full_numbers = config.log.numbers == "full"
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        # Connections that have not sent their environment yet: accepted when (monotonic), writer.
+        self._waiting: dict[asyncio.Task[None], tuple[float, asyncio.StreamWriter]] = {}
         self._overflow = 0
         self._overflow_logged = 0.0
 
@@ -300,7 +309,7 @@ class FastAgiGate:
     # -- one connection -----------------------------------------------------------------------------
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if len(self._tasks) >= self._max_connections:
+        if len(self._tasks) >= self._max_connections and not self._displace_one():
             # Refusing is safe: Asterisk then goes on with AGISTATUS=FAILURE and the dialplan blocks.
             self._log_overflow()
             writer.transport.abort()
@@ -308,6 +317,7 @@ class FastAgiGate:
         task = asyncio.current_task()
         assert task is not None
         self._tasks.add(task)
+        self._waiting[task] = (asyncio.get_running_loop().time(), writer)
         peer = writer.get_extra_info("peername")
         try:
             await self._serve(reader, writer, peer)
@@ -317,11 +327,27 @@ class FastAgiGate:
             log.exception("FastAGI connection from %s failed", peer)
         finally:
             self._tasks.discard(task)
+            self._waiting.pop(task, None)
             # Data still unsent after the exchange ended means a client that does not read: drop it.
             if writer.transport.get_write_buffer_size():
                 writer.transport.abort()
             else:
                 writer.close()
+
+    def _displace_one(self) -> bool:
+        """Closes the oldest connection still without its environment after DISPLACE_AFTER."""
+        now = asyncio.get_running_loop().time()
+        oldest = min(self._waiting.items(), key=lambda item: item[1][0], default=None)
+        if oldest is None or now - oldest[1][0] < min(DISPLACE_AFTER, self._timeout / 2):
+            return False
+        task, (_, writer) = oldest
+        del self._waiting[task]
+        log.info(
+            "FastAGI connection displaced: no environment after %.1f s and the gate is full",
+            now - oldest[1][0],
+        )
+        writer.transport.abort()
+        return True
 
     def _log_overflow(self) -> None:
         self._overflow += 1
@@ -346,6 +372,7 @@ class FastAgiGate:
             async with asyncio.timeout_at(deadline):
                 async with asyncio.timeout_at(answer_by):
                     env = await session.environment()
+                    self._waiting.pop(asyncio.current_task(), None)  # type: ignore[arg-type]  # None: no-op
                     phase = "request"
                     request = parse_request(env)
                 if request.script == "check":

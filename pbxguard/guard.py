@@ -47,7 +47,15 @@ DecisionObserver = Callable[[Decision, float], None]
 # Called after each ledger round trip with its duration in seconds.
 LedgerObserver = Callable[[float], None]
 
-_STORE_FAILURES = (StoreError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncio.TimeoutError)
+# InternalClientError: asyncpg's protocol state after a connection is cut mid-operation.
+_STORE_FAILURES = (
+    StoreError,
+    OSError,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+    asyncio.TimeoutError,
+)
 
 
 def consumer_key(destination: Destination) -> str:

@@ -96,6 +96,7 @@ class Ledger:
     def __init__(self, pool: asyncpg.Pool, cluster: LocalCluster | None = None) -> None:
         self.pool = pool
         self.cluster = cluster
+        self._releasing: set[asyncio.Task[None]] = set()  # connections handed back after a cancel
 
     # -- connection ---------------------------------------------------------------------------
 
@@ -139,16 +140,48 @@ class Ledger:
         try:
             async with self.pool.acquire(timeout=1) as conn:
                 return bool(await conn.fetchval("SELECT true", timeout=1))
-        except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+        except Exception:
+            # Whatever failed, the ledger is not usable now. An exception would end the readiness
+            # watcher and freeze /readyz: asyncpg raises InternalClientError (neither an OSError nor an
+            # InterfaceError) on a connection a crash caught mid-error (tests/faults/test_fault_pg_kill.py).
             return False
 
     @contextlib.asynccontextmanager
     async def _conn(self) -> AsyncIterator[asyncpg.Connection]:
         try:
-            async with self.pool.acquire() as conn:
+            conn = await self.pool.acquire()
+            try:
                 yield conn
-        except (OSError, asyncpg.InterfaceError, asyncpg.ConnectionDoesNotExistError) as exc:
+            except asyncio.CancelledError:
+                # A statement cancelled half-way (a decision out of time). asyncpg sends the server a
+                # cancel request and takes the connection back only once the server has answered it:
+                # up to command_timeout (30 s) across a network partition. That wait must not be the
+                # decision's, which is already late: the connection is handed back in the background
+                # (tests/faults/test_fault_pg_proxy.py).
+                self._release_later(conn)
+                raise
+            except BaseException:
+                await self.pool.release(conn)
+                raise
+            await self.pool.release(conn)
+        except (
+            OSError,
+            asyncpg.InterfaceError,
+            asyncpg.InternalClientError,
+            asyncpg.ConnectionDoesNotExistError,
+            # 57P01-57P03: PostgreSQL shutting down, crashed, or still recovering.
+            asyncpg.exceptions.OperatorInterventionError,
+        ) as exc:
             raise StoreError(f"ledger unavailable: {exc}") from None
+
+    def _release_later(self, conn: asyncpg.Connection) -> None:
+        task = asyncio.get_running_loop().create_task(self._release_quietly(conn))
+        self._releasing.add(task)
+        task.add_done_callback(self._releasing.discard)
+
+    async def _release_quietly(self, conn: asyncpg.Connection) -> None:
+        with contextlib.suppress(Exception):  # asyncpg closes a connection it cannot reset
+            await self.pool.release(conn)
 
     # -- the decision ---------------------------------------------------------------------------
 

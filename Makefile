@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 PBXGUARD_ASTERISK_BIN ?= $(firstword $(shell command -v asterisk 2>/dev/null) $(wildcard /opt/asterisk/sbin/asterisk))
 export PBXGUARD_ASTERISK_BIN
 
-.PHONY: run test lint typecheck unit bench bench-full bench-smoke clean install dev
+.PHONY: run test lint typecheck unit bench bench-full bench-smoke soak clean install dev
 
 $(BIN)/pbxguard: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +48,11 @@ bench: dev
 
 bench-full: dev
 	$(BIN)/python -m bench --full
+
+# Mixed traffic through every gate with a fault every minute; lost, duplicated, over cap and memory.
+# SOAK_ARGS: --minutes 30 --rate 200 --fault-every 60 (the defaults).
+soak: dev
+	$(BIN)/python -m bench.soak $(SOAK_ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis build *.egg-info

@@ -132,7 +132,7 @@ async def gate_figures(report: Report, url: str, quick: bool, numbers: itertools
             )
         )
     finally:
-        daemon.stop()
+        daemon.cleanup()
         stop_process(bare)
         stop_process(upstream)
 

@@ -58,6 +58,6 @@ async def run(url: str, count: int, numbers: itertools.count[int]) -> Figure:
         return Figure("asterisk_ratio", ratio, "", baseline=f"direct to Asterisk {direct:,.0f} Originates/s",
                       target=">= 0.9", met=ratio >= 0.9, note=f"(gate {gated:,.0f}/s, one client)")  # fmt: skip
     finally:
-        daemon.stop()
+        daemon.cleanup()
         await asyncio.to_thread(instance.stop)
         instance.cleanup()

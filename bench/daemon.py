@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -68,6 +69,11 @@ class DaemonProcess:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait(5)
+
+    def cleanup(self) -> None:
+        """Stops the daemon and removes its folder (configuration and log)."""
+        self.stop()
+        shutil.rmtree(self.folder, ignore_errors=True)
 
 
 async def wait_port(port: int, within: float = 10.0) -> None:

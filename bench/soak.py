@@ -1,18 +1,21 @@
 """`make soak`: mixed traffic through every gate for a long time, with a fault injected on a rota, then
 every answer the clients got checked against the ledger and the journal.
 
-    python -m bench.soak --minutes 30 [--rate 200] [--fault-every 60] [--consumers N] [--seed S]
-                         [--answers FILE] [--keep]
+    python -m bench.soak --minutes 30 [--rate 200] [--fault-every 60] [--consumers N] [--window W]
+                         [--warm-up S] [--seed N] [--answers FILE] [--keep]
 
 It starts a durable throwaway PostgreSQL, a fake Asterisk AMI (bench/fake_ami.py) and the pbxguard
 daemon (FastAGI gate, AMI gate, HTTP API with a token), seeds one campaign and an off-hours consent
-for each consumer of a pool (so the wall clock never matters and every consumer is called about ten
-times: the frequency cap of 4 is hit all the time), and offers `--rate` decisions per second, open
-loop: FastAGI checks ~60 %, AMI Originates ~30 %, HTTP `POST /v1/check` with `reserve` ~10 %, each with
-a fresh call key, plus ~2 % replays of an earlier FastAGI or HTTP call key (half of them of a very
-recent key, often still in flight). The AMI gate makes its own call keys (session and sequence) and
-reads a reused ActionID as a new call, so AMI requests are never replayed; each has a unique ActionID,
-which the journal's call key ends with.
+for each consumer of a pool (so the wall clock never matters), and offers `--rate` decisions per
+second, open loop. Consumers are drawn from a window of `--window` consumers (2,000) that slides over
+the pool as the run goes, as a dialer's hopper moves on: each consumer is called about ten times
+(the default pool is a tenth of the requests plus the window), so the frequency cap of 4 is hit all
+the time, and yet the share of allowed calls stays steady from the first minute to the last rather
+than dying out once every consumer is capped. Gates: FastAGI checks ~60 %, AMI Originates ~30 %,
+HTTP `POST /v1/check` with `reserve` ~10 %, each with a fresh call key, plus ~2 % replays of an
+earlier FastAGI or HTTP call key (half of them of a very recent key, often still in flight). The AMI
+gate makes its own call keys (session and sequence) and reads a reused ActionID as a new call, so AMI
+requests are never replayed; each has a unique ActionID, which the journal's call key ends with.
 
 Every `--fault-every` seconds one fault, in turn: PostgreSQL SIGKILLed and restarted ~3 s later;
 the daemon SIGKILLed and restarted; the fake AMI SIGKILLed and restarted ~2 s later; every daemon
@@ -29,7 +32,9 @@ At the end the daemon is stopped, the journal sealed to the last row and verifie
                 distinct allowed answers (the soak's time is compressed: every attempt is "today")
 
 plus the journal verification and the daemon's memory (RSS every 10 s, per daemon lifetime; the slope
-is fitted within lifetimes, leaving out the first minute after each start). The last line is one JSON
+is fitted within lifetimes, leaving out the first `--warm-up` seconds after each start, 60 by default.
+RSS climbs for about two minutes after a start: the AMI gate holds each forwarded Originate ~90 s for
+the OriginateResponse that the fake upstream never sends, then it stays flat). The last line is one JSON
 object. Exit status 1 if lost, duplicated or over_cap is not 0, the journal does not verify or the
 service did not come back after a fault; 2 if the soak could not be set up.
 """
@@ -87,7 +92,6 @@ AMI_LINKS = 8  # dialer connections (a forwarded Originate waits ~90 s for an Or
 FAULTS = ("pg-kill", "daemon-kill", "ami-kill", "pg-drop")
 READY_WITHIN = 60.0  # a fault the service has not recovered from by then counts as not recovered
 SAMPLE_EVERY = 10.0
-WARM_UP = 60.0  # RSS samples this soon after a daemon start are left out of the slope
 BLOCKED_PREFIX = "Originate blocked by pbxguard: "
 UNAVAILABLE = "STORE_UNAVAILABLE"
 
@@ -312,6 +316,7 @@ class Soak:
         self.lifetimes: list[Lifetime] = []
         self.replayable: list[tuple[str, str, str]] = []  # (gate, key, number)
         self.in_flight = 0
+        self.planned = max(1, int(args.minutes * 60 * args.rate))
         self.t0 = 0.0
         self.end = 0.0
         self.logs: list[Path] = []
@@ -409,7 +414,8 @@ class Soak:
             else:
                 gate, key, number = self.rng.choice(self.replayable)
             return gate, key, number, True
-        number = consumer(CONSUMER_BASE + self.rng.randrange(self.args.consumers))
+        slide = (self.args.consumers - self.args.window) * min(1.0, i / self.planned)
+        number = consumer(CONSUMER_BASE + int(slide) + self.rng.randrange(self.args.window))
         draw, gate = self.rng.random(), SHARES[-1][0]
         for name, share in SHARES:
             if draw < share:
@@ -478,6 +484,7 @@ class Soak:
             await self.blocking(process.wait, 10)
             self.lifetimes[-1].ended = self.now()
             fault.detail = f"pid {process.pid}"
+            fault.restored = self.now()  # restarted at once: the start-up counts in ready_s
             await self.start_daemon()
         elif kind == "ami-kill":
             assert self.upstream is not None
@@ -499,7 +506,8 @@ class Soak:
             finally:
                 await conn.close(timeout=5)
             fault.detail = f"{cut} connections cut"
-        fault.restored = self.now()
+        if fault.restored is None:
+            fault.restored = self.now()
         if await self.ready():
             fault.ready_s = self.now() - fault.restored
         return fault
@@ -755,7 +763,8 @@ class Soak:
     def report_traffic(self, traffic_s: float) -> None:
         print(
             f"\ntraffic: {len(self.answers):,} requests in {traffic_s:.0f} s "
-            f"({len(self.answers) / max(traffic_s, 1):.0f}/s offered), {self.args.consumers:,} consumers, "
+            f"({len(self.answers) / max(traffic_s, 1):.0f}/s offered), {self.args.consumers:,} consumers "
+            f"({self.args.window:,} at a time), "
             f"{len(self.faults)} faults"
         )
         print(f"  {'gate':<6} {'sent':>8} {'replays':>8} {'allow':>8} {'block':>8} {'error':>7} "
@@ -804,8 +813,8 @@ class Soak:
                 )
 
             print(
-                f"  {fault.at:>7.1f} {fault.kind:<12} {show(fault.ready_s):>8} {show(fault.first_allow_s):>12} "
-                f"{fault.failed_in_window:>7,}  {fault.detail}"
+                f"  {fault.at:>7.1f} {fault.kind:<12} {show(fault.ready_s):>8} "
+                f"{show(fault.first_allow_s):>12} {fault.failed_in_window:>7,}  {fault.detail}"
             )
 
     def report_memory(self) -> dict[str, float | None]:
@@ -815,7 +824,7 @@ class Soak:
         num = den = 0.0
         for life in self.lifetimes:
             values = [mb for _, mb in life.samples]
-            settled = [(t, mb) for t, mb in life.samples if t >= WARM_UP]
+            settled = [(t, mb) for t, mb in life.samples if t >= self.args.warm_up]
             slope = None
             if len(settled) >= 2:
                 mean_t = sum(t for t, _ in settled) / len(settled)
@@ -825,18 +834,19 @@ class Soak:
                 num, den = num + sxy, den + sxx
                 slope = sxy / sxx * 60 if sxx else None
             print(
-                f"  {life.number:>4} {life.pid:>8} {life.started:>7.0f} {life.ended or 0:>7.0f} {len(values):>7} "
+                f"  {life.number:>4} {life.pid:>8} {max(life.started, 0.0):>7.0f} {life.ended or 0:>7.0f} "
+                f"{len(values):>7} "
                 f"{values[0] if values else math.nan:>9.1f} {values[-1] if values else math.nan:>8.1f} "
                 f"{max(values, default=math.nan):>7.1f} "
                 f"{'n/a' if slope is None else f'{slope:+.3f}':>7}"
             )
         pooled = num / den * 60 if den else None
-        settled_all = [mb for life in self.lifetimes for t, mb in life.samples if t >= WARM_UP]
+        settled_all = [mb for life in self.lifetimes for t, mb in life.samples if t >= self.args.warm_up]
         every = [mb for life in self.lifetimes for _, mb in life.samples]
         start = settled_all[0] if settled_all else (every[0] if every else None)
         end = every[-1] if every else None
         print(
-            f"  slope within lifetimes, first {WARM_UP:.0f} s after each start left out: "
+            f"  slope within lifetimes, first {self.args.warm_up:.0f} s after each start left out: "
             f"{'n/a' if pooled is None else f'{pooled:+.3f} MB/min'}"
         )
         return {
@@ -879,10 +889,11 @@ def write_answers(path: Path, answers: list[Answer]) -> None:
 async def main(args: argparse.Namespace) -> int:
     total = int(args.minutes * 60 * args.rate)
     if args.consumers is None:
-        args.consumers = min(20_000, max(100, total // 10))
+        args.consumers = total // 10 + args.window
+    args.window = max(1, min(args.window, args.consumers))
     print(
         f"soak: {args.minutes:g} min at {args.rate:g} decisions/s, a fault every {args.fault_every:g} s, "
-        f"{args.consumers:,} consumers (cap {CAP}), seed {args.seed}",
+        f"{args.consumers:,} consumers ({args.window:,} at a time, cap {CAP}), seed {args.seed}",
         flush=True,
     )
     summary: dict[str, Any] | None = None
@@ -918,7 +929,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--consumers",
         type=int,
         default=None,
-        help="consumer pool (default: a tenth of the requests, <= 20,000)",
+        help="consumer pool (default: a tenth of the requests plus the window)",
+    )
+    parser.add_argument(
+        "--window", type=int, default=2000, help="consumers in play at any time (default 2,000)"
+    )
+    parser.add_argument(
+        "--warm-up",
+        type=float,
+        default=60.0,
+        help="seconds after each daemon start left out of the RSS slope (default 60)",
     )
     parser.add_argument("--seed", type=int, default=1, help="traffic random seed")
     parser.add_argument("--answers", help="write every answer to this JSON-lines file")

@@ -15,6 +15,7 @@ async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
     writer.write(b"Asterisk Call Manager/11.0.0\r\n")
     action_id = b""
     action = b""
+    serial = 0
     try:
         while True:
             line = await reader.readline()
@@ -41,6 +42,18 @@ async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
             elif action == b"ping":
                 reply += b"Ping: Pong\r\nTimestamp: 0.000000\r\n"
             writer.write(reply + b"\r\n")
+            if action == b"originate":
+                # As Asterisk does once the call is placed (ASTERISK-NOTES.md): a gate that follows
+                # its Originates must see them end, or it would hold every one as pending.
+                serial += 1
+                writer.write(
+                    b"Event: OriginateResponse\r\nPrivilege: call,all\r\n"
+                    + (b"ActionID: " + action_id + b"\r\n" if action_id else b"")
+                    + b"Response: Success\r\nChannel: Local/bench@bench-00000001;1\r\n"
+                    + b"Context: bench\r\nExten: s\r\nReason: 4\r\n"
+                    + f"Uniqueid: 1764000000.{serial}\r\n".encode()
+                    + b"CallerIDNum: <unknown>\r\nCallerIDName: <unknown>\r\n\r\n"
+                )
             if action == b"logoff":
                 break
             action_id = action = b""

@@ -470,6 +470,7 @@ class FakeAri:
     hung_up: list[str] = field(default_factory=list)
     violations: list[str] = field(default_factory=list)
     late: list[str] = field(default_factory=list)  # requests for channels of a previous life (404)
+    _continued_ids: set[str] = field(default_factory=set)
     connects: int = 0
     sockets: list[web.WebSocketResponse] = field(default_factory=list)
     runner: web.AppRunner | None = None
@@ -556,8 +557,9 @@ class FakeAri:
 
     async def _continue(self, request: web.Request) -> web.Response:
         channel_id = self._channel(request)
-        if any(c == channel_id for c, _ in self.continued):
+        if channel_id in self._continued_ids:
             self.violations.append(f"channel {channel_id} continued twice")
+        self._continued_ids.add(channel_id)
         self.continued.append((channel_id, dict(self.channels.pop(channel_id))))
         return web.Response(status=204)
 

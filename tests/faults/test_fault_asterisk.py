@@ -483,6 +483,8 @@ async def run_fake_ari(
             else:
                 refused += 1  # no application registered: Stasis() fails, the dialplan blocks
             await asyncio.sleep(0.004)
+            # Closed loop: at most 32 channels waiting in Stasis, as a dialplan with a bounded trunk.
+            await poll(lambda: gate.pending < 32 or stop.is_set(), within=30, every=0.002)
 
     try:
         await poll(lambda: fake.connected, within=10)

@@ -322,7 +322,9 @@ class FastAgiGate:
         try:
             await self._serve(reader, writer, peer)
         except asyncio.CancelledError:
-            raise
+            # Only stop() cancels a connection's task, and nothing else awaits it: ending normally
+            # keeps asyncio's stream callback from logging the cancellation as an error.
+            return
         except Exception:  # never let one connection take the server down
             log.exception("FastAGI connection from %s failed", peer)
         finally:

@@ -102,6 +102,7 @@ class DaemonProcess:
         db_timeout_ms: int = 1500,
         ami_upstream_port: int | None = None,
         pool_max: int = 10,
+        log_level: str = "warning",
         extra_toml: str = "",
     ) -> None:
         self.folder = folder
@@ -114,7 +115,7 @@ class DaemonProcess:
             f'[database]\nurl = "{database_url}"\npool_min = 2\npool_max = {pool_max}\n'
             f"timeout_ms = {db_timeout_ms}\n"
             f'[http]\nlisten = "127.0.0.1:{self.http_port}"\ntoken = "{HTTP_TOKEN}"\n'
-            '[log]\nlevel = "warning"\nformat = "json"\n'
+            f'[log]\nlevel = "{log_level}"\nformat = "json"\n'
             "[journal]\nseal_interval_ms = 100\n"
         )
         if self.agi_port is not None:

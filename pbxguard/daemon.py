@@ -110,14 +110,6 @@ class Daemon:
         state.update({name: check() for name, check in self.readiness.items()})
         return state
 
-    async def healthz(self, request: web.Request) -> web.Response:
-        return web.json_response({"status": "alive"})
-
-    async def readyz(self, request: web.Request) -> web.Response:
-        state = self.ready_state()
-        ok = all(state.values())
-        return web.json_response({"ready": ok, "checks": state}, status=200 if ok else 503)
-
     def http_app(self) -> web.Application:
         """/healthz, /readyz, /metrics, the /v1 API and the dashboard (pbxguard.api.routes)."""
         context = ApiContext(

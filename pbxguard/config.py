@@ -51,6 +51,9 @@ class DatabaseConfig:
     pool_min: int = 2
     pool_max: int = 20
     timeout_ms: int = 1500  # a decision that cannot reach the ledger within this blocks
+    # Statements deciding calls at once; decisions arriving meanwhile wait and go together, in one
+    # transaction.  Raise it for a PostgreSQL server with many cores of its own.
+    decide_concurrency: int = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -458,6 +461,8 @@ def validate(config: Config) -> None:
         raise ConfigError("database.pool_max: must be at least pool_min (>= 1)")
     if config.database.timeout_ms < 1:
         raise ConfigError("database.timeout_ms: must be at least 1")
+    if not 1 <= config.database.decide_concurrency <= config.database.pool_max:
+        raise ConfigError("database.decide_concurrency: must be between 1 and pool_max")
     if config.journal.seal_interval_ms < 10:
         raise ConfigError("journal.seal_interval_ms: at least 10")
     if config.gates.agi.timeout_ms < 1:

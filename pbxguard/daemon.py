@@ -69,6 +69,8 @@ class Daemon:
         except Exception as exc:
             log.warning("ledger not reachable, calls are blocked: %s", exc)
             return False
+        self.ledger.decide_timeout = self.config.database.timeout_ms / 1000
+        self.ledger.decide_concurrency = self.config.database.decide_concurrency
         self.guard.ledger = self.ledger
         self.ledger_ready = True
         log.info("ledger connected")

@@ -4,7 +4,10 @@ concurrency from several pools, the journal, and parity between SQL and the pure
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import uuid
+from collections.abc import Iterator
 from datetime import UTC, date, datetime, timedelta
 from zoneinfo import ZoneInfo
 
@@ -16,7 +19,7 @@ from hypothesis import strategies as st
 from pbxguard.config import Mode
 from pbxguard.guard import Guard
 from pbxguard.ledger.migrate import Migration, MigrationError, bundled, migrate
-from pbxguard.ledger.store import Ledger
+from pbxguard.ledger.store import DecideRequest, Ledger
 from pbxguard.policy import rules
 from pbxguard.policy.model import CallAttempt, Campaign, ConsumerFacts, Purpose, Reason, Residence, Sector
 from pbxguard.policy.numbers import classify_caller_id, parse_destination
@@ -324,9 +327,29 @@ parity_facts = st.fixed_dictionaries(
 )
 
 
+def through_batches(ledger: Ledger) -> None:
+    """Sends every decision of `ledger` through decide_batch, beside another consumer's."""
+
+    async def decide(request: DecideRequest) -> asyncpg.Record:
+        other = dataclasses.replace(
+            request, decision_id=uuid.uuid4(), consumer="+33699999999", call_key=None, reserve=False
+        )
+        results = await ledger.decide_batch([request, other])
+        assert isinstance(results[1], asyncpg.Record)
+        if isinstance(results[0], BaseException):
+            raise results[0]
+        row = results[0]
+        if row["status"] != "retry":  # a residence the guard did not know yet: decide() alone says so
+            assert row["status"] == "decided" and "ord" in row, "decide_batch itself decided"
+        return row
+
+    ledger.decide = decide  # type: ignore[method-assign]
+
+
+@pytest.mark.parametrize("path", ["single", "batch"])
 @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
 @given(case=parity_facts)
-async def test_sql_and_policy_agree(ledger: Ledger, case: dict[str, object]) -> None:
+async def test_sql_and_policy_agree(ledger: Ledger, path: str, case: dict[str, object]) -> None:
     now: datetime = case["now"]  # type: ignore[assignment]
     destination = parse_destination(str(case["number"]))
     consumer = destination.e164 or "?x"
@@ -388,6 +411,8 @@ async def test_sql_and_policy_agree(ledger: Ledger, case: dict[str, object]) -> 
                 now - day * days,
             )
     policy = PolicySettings(consent_max_age_days=case["max_age"])  # type: ignore[arg-type]
+    if path == "batch":
+        through_batches(ledger)
     decision = await Guard(ledger, policy).decide(
         CallAttempt(str(case["number"]), campaign.id, str(case["caller"])), now, reserve=False
     )
@@ -438,3 +463,104 @@ async def test_sql_and_policy_agree(ledger: Ledger, case: dict[str, object]) -> 
     expected = rules.evaluate(campaign, destination, caller, facts, now, policy)
     assert decision.reasons == expected.reasons
     assert decision.next_allowed_at == expected.next_allowed_at
+
+
+# -- batches: decisions that reach the ledger together share one transaction --------------------
+
+
+@contextlib.contextmanager
+def capturing(ledger: Ledger) -> Iterator[list[DecideRequest]]:
+    """The requests the guard sends to `ledger` meanwhile (they are still decided)."""
+    captured: list[DecideRequest] = []
+    original = ledger.decide
+
+    async def capture(request: DecideRequest) -> asyncpg.Record:
+        captured.append(request)
+        return await original(request)
+
+    ledger.decide = capture  # type: ignore[method-assign]
+    try:
+        yield captured
+    finally:
+        ledger.decide = original  # type: ignore[method-assign]
+
+
+async def test_concurrent_decisions_share_transactions_and_stay_exact(database_url: str) -> None:
+    ledger = await Ledger.connect(database_url, min_size=2, max_size=4)
+    ledger.decide_concurrency = 1  # every decision that arrives while one is under way queues
+    try:
+        await legal_setup(ledger)
+        numbers = [f"+3361234{i:04d}" for i in range(40)]
+        for number in numbers:
+            await ledger.add_consent(number, "ACME", datetime(2026, 11, 1, tzinfo=UTC))
+        guard = Guard(ledger)
+        # 40 consumers once each, and NUMBER eight times: the cap holds across batches.
+        attempts = [attempt(n, key=f"k-{n}") for n in numbers] + [attempt(key=f"dup-{i}") for i in range(8)]
+        decisions = await asyncio.gather(*(guard.decide(a, NOW) for a in attempts))
+        assert all(d.allowed for d in decisions[:40])
+        assert sum(d.allowed for d in decisions[40:]) == 4
+        assert all(d.reasons == (Reason.FREQUENCY_CAP,) for d in decisions[40:] if not d.allowed)
+        assert await ledger.attempts_count(NUMBER, "ACME") == 4
+        async with ledger.pool.acquire() as conn:
+            rows = await conn.fetchval("SELECT count(*) FROM pbxguard.decisions")
+            transactions = await conn.fetchval("SELECT count(DISTINCT xid) FROM pbxguard.decisions")
+            attempts_rows = await conn.fetchval("SELECT count(*) FROM pbxguard.attempts")
+        assert rows == 48 and attempts_rows == 44
+        # Batched: far fewer transactions than decisions.
+        assert transactions < 20
+        # Each decision is its own, on the right consumer.
+        for d in decisions:
+            stored = await ledger.decision(uuid.UUID(d.id))
+            assert stored is not None and stored["consumer"] == d.consumer
+    finally:
+        await ledger.close()
+
+
+async def test_batch_hands_rare_paths_to_decide(ledger: Ledger) -> None:
+    """A replayed call key, a token from another gate, an unknown campaign and a residence the guard
+    did not know yet, all in one batch: each gets decide()'s answer."""
+    await legal_setup(ledger)
+    other = "+33612340000"
+    moved = "+33612340001"
+    for number in (other, moved):
+        await ledger.add_consent(number, "ACME", datetime(2026, 11, 1, tzinfo=UTC))
+    await ledger.set_residence(moved, "RE", None)
+    guard = Guard(ledger)
+    first = await guard.decide(attempt(key="twice"), NOW)
+    granted = await guard.decide(attempt(other, key="ami-1"), NOW)
+    with capturing(ledger) as captured:
+        await guard.decide(attempt(key="twice"), NOW, reserve=False)
+        await guard.decide(attempt(other, key="agi-1", token=granted.id), NOW, reserve=False)
+        await guard.decide(attempt("+33612340002", campaign="nope"), NOW, reserve=False)
+        await guard.decide(attempt(moved), NOW, reserve=False)
+    requests = [dataclasses.replace(r, reserve=True) for r in captured[:4]]
+    results = await ledger.decide_batch(requests)
+    statuses = [r["status"] for r in results if isinstance(r, asyncpg.Record)]
+    assert statuses == ["replayed", "token", "decided", "retry"]
+    assert results[0]["decision_id"] == uuid.UUID(first.id)  # type: ignore[index]
+    assert list(results[2]["reasons"]) == ["UNKNOWN_CAMPAIGN"]  # type: ignore[index]
+    assert await ledger.attempts_count(NUMBER, "ACME") == 1
+    assert await ledger.attempts_count(other, "ACME") == 1
+
+
+async def test_one_failing_decision_does_not_fail_its_batch(ledger: Ledger) -> None:
+    await legal_setup(ledger)
+    with capturing(ledger) as captured:
+        await Guard(ledger).decide(attempt(), NOW, reserve=False)
+    good = dataclasses.replace(captured[0], reserve=True, call_key="good")
+    # A negative cap makes PostgreSQL refuse this decision's LIMIT: an error for it alone.
+    bad = dataclasses.replace(captured[0], consumer="+33612349999", cap=-1, decision_id=uuid.uuid4())
+    results = await ledger.decide_batch([bad, good])
+    assert isinstance(results[0], asyncpg.PostgresError)
+    assert isinstance(results[1], asyncpg.Record) and results[1]["status"] == "decided"
+    assert await ledger.attempts_count(NUMBER, "ACME") == 1
+
+
+async def test_a_batch_refuses_two_decisions_for_one_consumer(ledger: Ledger) -> None:
+    await legal_setup(ledger)
+    request = DecideRequest(
+        uuid.uuid4(), None, NOW, NUMBER, True, "c1", "+33162123456", "npv", True, "t", False, False,
+        "|", [], [], NOW, NOW, NOW.date(), NOW.date(), None, True, 4, ["FR"], ["Europe/Paris"], None,
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="one decision per consumer"):
+        await ledger.decide_batch([request, dataclasses.replace(request, decision_id=uuid.uuid4())])

@@ -126,6 +126,7 @@ def day_reason(day: date, place: Place, *, regional: bool = True) -> Reason | No
 
 
 @lru_cache(maxsize=64)
+@lru_cache(maxsize=64)
 def _zone(name: str) -> ZoneInfo:
     return ZoneInfo(name)
 
@@ -146,8 +147,11 @@ def local_date(instant: datetime, zone: str) -> date:
     return instant.astimezone(_zone(zone)).date()
 
 
+@lru_cache(maxsize=4096)
 def local_midnight(day: date, zone: str) -> datetime:
-    """00:00 local on `day` in `zone`, as an aware UTC datetime."""
+    """00:00 local on `day` in `zone`, as an aware UTC datetime.
+
+    Memoised: every decision asks for the same few days (its frequency and refusal windows)."""
     return datetime.combine(day, time(0), tzinfo=_zone(zone)).astimezone(UTC)
 
 

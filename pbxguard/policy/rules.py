@@ -22,7 +22,7 @@ from pbxguard.policy import (
     opposition,
     refusal,
 )
-from pbxguard.policy.context import RuleContext, thresholds
+from pbxguard.policy.context import RuleContext, Thresholds, thresholds
 from pbxguard.policy.model import (
     TIME_BASED,
     CallerId,
@@ -74,8 +74,14 @@ def context(
     facts: ConsumerFacts,
     now: datetime,
     settings: PolicySettings,
+    known: tuple[tuple[Place, ...], Thresholds] | None = None,
 ) -> RuleContext:
-    places = places_for(destination, facts.residence)
+    """`known`: the places and thresholds the caller already derived for this residence and `now`."""
+    if known is None:
+        places = places_for(destination, facts.residence)
+        limits = thresholds(now, places, settings)
+    else:
+        places, limits = known
     return RuleContext(
         campaign=campaign,
         destination=destination,
@@ -84,7 +90,7 @@ def context(
         places=places,
         now=now,
         settings=settings,
-        limits=thresholds(now, places, settings),
+        limits=limits,
     )
 
 
@@ -102,10 +108,11 @@ def evaluate(
     facts: ConsumerFacts,
     now: datetime,
     settings: PolicySettings,
+    known: tuple[tuple[Place, ...], Thresholds] | None = None,
 ) -> Evaluation:
     if now.tzinfo is None:
         raise ValueError("now must be timezone-aware")
-    ctx = context(campaign, destination, caller_id, facts, now, settings)
+    ctx = context(campaign, destination, caller_id, facts, now, settings, known)
     reasons = reasons_at(ctx)
     return Evaluation(
         reasons=sort_reasons(reasons),

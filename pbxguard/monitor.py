@@ -54,6 +54,8 @@ FAILED: Final = "failed"
 _BUSY_CAUSES: Final = frozenset({17})  # user busy
 _NO_ANSWER_CAUSES: Final = frozenset({16, 18, 19})  # cleared before answer, no user responding, no answer
 # The only events the monitor reads; the rest of Asterisk's stream is skipped at once.
+# Outcomes written in one transaction at most.
+_OUTCOME_BATCH: Final = 500
 _FOLLOWED_EVENTS: Final = frozenset({"originateresponse", "varset", "newstate", "hangup", "userevent"})
 # OriginateResponse "Reason" (the AST_CONTROL_* frame that ended the attempt).
 _BUSY_REASONS: Final = frozenset({5})  # AST_CONTROL_BUSY
@@ -397,55 +399,72 @@ class Monitor:
             except TimeoutError:
                 item = None
             if item is not None:
+                # Outcomes queued meanwhile go with it, in one transaction: a busy dialer ends
+                # hundreds of calls a second.  Feedback (refusals) is written one by one.
+                outcomes: list[Outcome] = []
+                items = [item]
+                while len(items) < _OUTCOME_BATCH and not self._queue.empty():
+                    items.append(self._queue.get_nowait())
                 try:
-                    await self._write(item)
+                    for queued in items:
+                        if isinstance(queued, Outcome):
+                            outcomes.append(queued)
+                        else:
+                            await self._write(queued)
+                    if outcomes:
+                        await self._write(outcomes)
                 finally:
-                    self._queue.task_done()
+                    for _ in items:
+                        self._queue.task_done()
             if self._mono() >= next_expiry:
                 forgotten = self.tracker.expire(self._mono())
                 if forgotten:
                     log.info("forgot %d calls whose end was never seen", forgotten)
                 next_expiry = self._mono() + 60
 
-    async def _write(self, item: Outcome | Feedback) -> None:
+    async def _write(self, item: list[Outcome] | Feedback) -> None:
         delay = self._retry_delay
         for attempt in range(self._retries + 1):
             try:
-                if isinstance(item, Outcome):
-                    await self._record_outcome(item)
+                if isinstance(item, list):
+                    await self._record_outcomes(item)
+                    self.recorded += len(item)
                 else:
                     await self._record_feedback(item)
-                self.recorded += 1
+                    self.recorded += 1
                 return
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 if attempt == self._retries:
-                    self.lost += 1
-                    log.error("could not record %s: %s", _describe(item), exc)
+                    lost = item if isinstance(item, list) else [item]
+                    self.lost += len(lost)
+                    for one in lost:
+                        log.error("could not record %s: %s", _describe(one), exc)
                     return
                 log.warning("ledger write failed (%s), retrying in %.1f s", exc, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
-    async def _record_outcome(self, item: Outcome) -> None:
+    async def _record_outcomes(self, items: list[Outcome]) -> None:
         ledger = self.guard.ledger
         if ledger is None:
             raise ConnectionError("no ledger")
-        await asyncio.wait_for(
-            ledger.record_outcome(uuid.UUID(item.decision_id), item.outcome, item.at, item.duration_s),
-            max(self.guard.timeout, 1.0) * 2,
-        )
-        log.info(
-            "call outcome",
-            extra={
-                "fields": {
-                    "decision": item.decision_id,
-                    "outcome": item.outcome,
-                    "duration_s": item.duration_s,
-                }
-            },
-        )
+        async with asyncio.timeout(max(self.guard.timeout, 1.0) * 2):
+            await ledger.record_outcomes(
+                [(uuid.UUID(i.decision_id), i.outcome, i.at, i.duration_s) for i in items]
+            )
+        for item in items:
+            log.info(
+                "call outcome",
+                extra={
+                    "fields": {
+                        "decision": item.decision_id,
+                        "outcome": item.outcome,
+                        "duration_s": item.duration_s,
+                    }
+                },
+            )
 
     async def _record_feedback(self, item: Feedback) -> None:
         if self.guard.ledger is None:

@@ -1275,11 +1275,16 @@ class AmiGate:
                 owner.flush_after(pending)
 
     def _broadcast(self, event: Message) -> None:
-        classes = event_classes(event)
+        classes: frozenset[str] | None = None  # worked out once some session wants events at all
         data: bytes | None = None
         text: str | None = None
         for session in self._listeners:
-            if not session.mask.allows_any(classes):
+            mask = session.mask
+            if not mask.all and not mask.classes:  # Events: off, the usual dialer
+                continue
+            if classes is None:
+                classes = event_classes(event)
+            if not mask.allows_any(classes):
                 continue
             if data is None:
                 try:

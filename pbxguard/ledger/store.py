@@ -575,28 +575,44 @@ class Ledger:
     async def record_outcome(
         self, decision_id: uuid.UUID, outcome: str, at: datetime, duration_s: int | None
     ) -> bool:
+        return await self.record_outcomes([(decision_id, outcome, at, duration_s)]) == 1
+
+    async def record_outcomes(
+        self, items: Sequence[tuple[uuid.UUID, str, datetime, int | None]]
+    ) -> int:
+        """Calls' outcomes, in one transaction; a decision's first outcome stays.  Returns how many
+        journal rows took theirs."""
+        first: dict[uuid.UUID, tuple[uuid.UUID, str, datetime, int | None]] = {}
+        for item in items:
+            first.setdefault(item[0], item)
+        if not first:
+            return 0
+        columns = (
+            [i[0] for i in first.values()],
+            [i[1] for i in first.values()],
+            [i[2] for i in first.values()],
+            [i[3] for i in first.values()],
+        )
         async with self._conn() as conn, conn.transaction():
             await conn.execute(
                 """
-                UPDATE pbxguard.attempts SET outcome = $2, outcome_at = $3, duration_s = $4
-                 WHERE decision_id = $1 AND outcome IS NULL
+                UPDATE pbxguard.attempts a SET outcome = u.outcome, outcome_at = u.at, duration_s = u.duration
+                  FROM unnest($1::uuid[], $2::text[], $3::timestamptz[], $4::integer[])
+                       AS u(id, outcome, at, duration)
+                 WHERE a.decision_id = u.id AND a.outcome IS NULL
                 """,
-                decision_id,
-                outcome,
-                at,
-                duration_s,
+                *columns,
             )
             result = await conn.execute(
                 """
-                UPDATE pbxguard.decisions SET outcome = $2, outcome_at = $3, duration_s = $4
-                 WHERE id = $1 AND outcome IS NULL
+                UPDATE pbxguard.decisions d SET outcome = u.outcome, outcome_at = u.at, duration_s = u.duration
+                  FROM unnest($1::uuid[], $2::text[], $3::timestamptz[], $4::integer[])
+                       AS u(id, outcome, at, duration)
+                 WHERE d.id = u.id AND d.outcome IS NULL
                 """,
-                decision_id,
-                outcome,
-                at,
-                duration_s,
+                *columns,
             )
-        return str(result).endswith(" 1")
+        return int(str(result).rsplit(" ", 1)[-1])
 
     async def attempts_count(self, consumer: str, order_giver: str) -> int:
         async with self._conn() as conn:

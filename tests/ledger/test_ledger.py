@@ -283,6 +283,27 @@ async def test_bloctel_import_is_all_or_nothing_and_latest_wins(ledger: Ledger) 
     assert (await guard.decide(attempt(), june, reserve=False)).reasons == (Reason.BLOCTEL_REGISTERED,)
 
 
+async def test_outcomes_of_many_calls_in_one_write(ledger: Ledger) -> None:
+    await legal_setup(ledger)
+    numbers = [f"+3361234{i:04d}" for i in range(5)]
+    for number in numbers:
+        await ledger.add_consent(number, "ACME", datetime(2026, 11, 1, tzinfo=UTC))
+    guard = Guard(ledger)
+    ids = [uuid.UUID((await guard.decide(attempt(n), NOW)).id) for n in numbers]
+    later = NOW + timedelta(seconds=30)
+    taken = await ledger.record_outcomes(
+        [(ids[0], "answered", later, 12), (ids[1], "busy", later, None), (ids[0], "failed", later, 0)]
+        + [(i, "no_answer", later, None) for i in ids[2:]]
+    )
+    # The first outcome of a call stays, in the journal and on the attempt.
+    assert taken == 5
+    assert await ledger.record_outcomes([(ids[1], "answered", later, 3)]) == 0
+    async with ledger.pool.acquire() as conn:
+        rows = dict(await conn.fetch("SELECT decision_id, outcome FROM pbxguard.attempts"))
+        journal = dict(await conn.fetch("SELECT id, outcome FROM pbxguard.decisions"))
+    assert rows == journal == {ids[0]: "answered", ids[1]: "busy"} | {i: "no_answer" for i in ids[2:]}
+
+
 async def test_outcome_is_recorded_once(ledger: Ledger) -> None:
     await legal_setup(ledger)
     decision = await Guard(ledger).decide(attempt(key="o1"), NOW)

@@ -54,6 +54,7 @@ class DatabaseConfig:
     # Statements deciding calls at once; decisions arriving meanwhile wait and go together, in one
     # transaction.  Raise it for a PostgreSQL server with many cores of its own.
     decide_concurrency: int = 2
+    decide_batch_max: int = 64  # decisions per batch; 1 sends every decision alone
 
 
 @dataclass(frozen=True, slots=True)
@@ -463,6 +464,8 @@ def validate(config: Config) -> None:
         raise ConfigError("database.timeout_ms: must be at least 1")
     if not 1 <= config.database.decide_concurrency <= config.database.pool_max:
         raise ConfigError("database.decide_concurrency: must be between 1 and pool_max")
+    if not 1 <= config.database.decide_batch_max <= 1000:
+        raise ConfigError("database.decide_batch_max: must be between 1 and 1000")
     if config.journal.seal_interval_ms < 10:
         raise ConfigError("journal.seal_interval_ms: at least 10")
     if config.gates.agi.timeout_ms < 1:

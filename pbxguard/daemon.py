@@ -71,6 +71,7 @@ class Daemon:
             return False
         self.ledger.decide_timeout = self.config.database.timeout_ms / 1000
         self.ledger.decide_concurrency = self.config.database.decide_concurrency
+        self.ledger.decide_batch_max = self.config.database.decide_batch_max
         self.guard.ledger = self.ledger
         self.ledger_ready = True
         log.info("ledger connected")

@@ -512,6 +512,9 @@ def test_database_pool_and_timeouts() -> None:
     assert error({"database": {"pool_min": 0}}).startswith("database.pool")
     assert error({"database": {"pool_min": 5, "pool_max": 4}}).startswith("database.pool_max")
     assert error({"database": {"timeout_ms": 0}}).startswith("database.timeout_ms")
+    assert error({"database": {"decide_concurrency": 0}}).startswith("database.decide_concurrency")
+    assert error({"database": {"decide_concurrency": 21}}).startswith("database.decide_concurrency")
+    assert error({"database": {"decide_batch_max": 0}}).startswith("database.decide_batch_max")
     assert error({"gates": {"agi": {"timeout_ms": 0}}}).startswith("gates.agi.timeout_ms")
 
 

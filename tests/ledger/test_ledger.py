@@ -585,3 +585,19 @@ async def test_a_batch_refuses_two_decisions_for_one_consumer(ledger: Ledger) ->
     )  # fmt: skip
     with pytest.raises(ValueError, match="one decision per consumer"):
         await ledger.decide_batch([request, dataclasses.replace(request, decision_id=uuid.uuid4())])
+
+
+async def test_batches_of_one_send_every_decision_alone(database_url: str) -> None:
+    ledger = await Ledger.connect(database_url, min_size=1, max_size=2)
+    ledger.decide_concurrency, ledger.decide_batch_max = 1, 1  # database.decide_batch_max = 1
+    try:
+        await legal_setup(ledger)
+        numbers = [f"+3361234{i:04d}" for i in range(10)]
+        for number in numbers:
+            await ledger.add_consent(number, "ACME", datetime(2026, 11, 1, tzinfo=UTC))
+        decisions = await asyncio.gather(*(Guard(ledger).decide(attempt(n), NOW) for n in numbers))
+        assert all(d.allowed for d in decisions)
+        async with ledger.pool.acquire() as conn:
+            assert await conn.fetchval("SELECT count(DISTINCT xid) FROM pbxguard.decisions") == 10
+    finally:
+        await ledger.close()

@@ -19,9 +19,9 @@ async def template_request(ledger: Ledger) -> DecideRequest:
     captured: list[DecideRequest] = []
     original = ledger.decide
 
-    async def capture(request: DecideRequest):  # type: ignore[no-untyped-def]
+    async def capture(request: DecideRequest, patience: float | None = None):  # type: ignore[no-untyped-def]
         captured.append(request)
-        return await original(request)
+        return await original(request, patience)
 
     ledger.decide = capture  # type: ignore[method-assign]
     try:

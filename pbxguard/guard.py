@@ -166,7 +166,7 @@ class Guard:
                 sent = time.perf_counter()
                 # asyncio.timeout, not wait_for: no task of its own for every decision.
                 async with asyncio.timeout(self.timeout):
-                    row = await self.ledger.decide(request)
+                    row = await self.ledger.decide(request, self.timeout)
                 if self.ledger_observers:
                     self._notify_ledger(time.perf_counter() - sent)
                 if row["status"] != "retry":

@@ -123,7 +123,8 @@ def batch_args(requests: Sequence[DecideRequest]) -> list[list[Any]]:
     return columns
 
 
-_Pending = tuple[DecideRequest, "asyncio.Future[asyncpg.Record]"]
+# A queued decision: its request, its caller's future, and the loop time its caller gives up at.
+_Pending = tuple[DecideRequest, "asyncio.Future[asyncpg.Record]", float]
 
 
 class Ledger:
@@ -231,11 +232,13 @@ class Ledger:
 
     # -- the decision ---------------------------------------------------------------------------
 
-    async def decide(self, request: DecideRequest) -> asyncpg.Record:
+    async def decide(self, request: DecideRequest, patience: float | None = None) -> asyncpg.Record:
         """Decides one call; joins a batch when DECIDE_CONCURRENCY decisions are already under way.
 
-        A waiter cancelled while its batch is in the database may still have its decision recorded
-        (and counted): the safe side, as with a single statement cancelled after its commit.
+        `patience`: seconds the caller waits (default `decide_timeout`).  A batch is cancelled in the
+        database when its most impatient caller gives up, so that no decision commits after its
+        caller was told the call is blocked (short of the cancel arriving just after the commit,
+        which a retry with the same call key then finds).
         """
         if not self._queue and self._in_flight < self.decide_concurrency:
             # Nothing waits: straight out, on the caller's own task.
@@ -245,8 +248,10 @@ class Ledger:
             finally:
                 self._in_flight -= 1
                 self._dispatch()
-        future: asyncio.Future[asyncpg.Record] = asyncio.get_running_loop().create_future()
-        self._queue.append((request, future))
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[asyncpg.Record] = loop.create_future()
+        deadline = loop.time() + (self.decide_timeout if patience is None else patience)
+        self._queue.append((request, future, deadline))
         self._dispatch()
         return await future
 
@@ -281,13 +286,13 @@ class Ledger:
 
     async def _run_batch(self, batch: list[_Pending]) -> None:
         try:
-            async with asyncio.timeout(self.decide_timeout):
+            async with asyncio.timeout_at(min(item[2] for item in batch)):
                 if len(batch) == 1:
                     results: list[asyncpg.Record | BaseException] = [await self._decide_one(batch[0][0])]
                 else:
-                    results = await self.decide_batch([request for request, _ in batch])
+                    results = await self.decide_batch([item[0] for item in batch])
         except asyncio.CancelledError:
-            for _, future in batch:
+            for _, future, _ in batch:
                 future.cancel()
             raise
         except Exception as exc:
@@ -295,7 +300,7 @@ class Ledger:
         finally:
             self._in_flight -= 1
             self._dispatch()
-        for (_, future), result in zip(batch, results, strict=True):
+        for (_, future, _), result in zip(batch, results, strict=True):
             if future.done():
                 continue
             if isinstance(result, BaseException):

@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pbxguard.config import Mode
-from pbxguard.guard import Guard
+from pbxguard.guard import Guard, consumer_key
 from pbxguard.ledger.migrate import Migration, MigrationError, bundled, migrate
 from pbxguard.ledger.store import DecideRequest, Ledger
 from pbxguard.policy import rules
@@ -351,7 +351,7 @@ parity_facts = st.fixed_dictionaries(
 def through_batches(ledger: Ledger) -> None:
     """Sends every decision of `ledger` through decide_batch, beside another consumer's."""
 
-    async def decide(request: DecideRequest) -> asyncpg.Record:
+    async def decide(request: DecideRequest, patience: float | None = None) -> asyncpg.Record:
         other = dataclasses.replace(
             request, decision_id=uuid.uuid4(), consumer="+33699999999", call_key=None, reserve=False
         )
@@ -373,7 +373,7 @@ def through_batches(ledger: Ledger) -> None:
 async def test_sql_and_policy_agree(ledger: Ledger, path: str, case: dict[str, object]) -> None:
     now: datetime = case["now"]  # type: ignore[assignment]
     destination = parse_destination(str(case["number"]))
-    consumer = destination.e164 or "?x"
+    consumer = consumer_key(destination)  # the guard's key, also for an invalid number
     og = f"OG{uuid.uuid4().hex[:8]}"
     campaign = Campaign(
         f"camp-{og}",
@@ -495,9 +495,9 @@ def capturing(ledger: Ledger) -> Iterator[list[DecideRequest]]:
     captured: list[DecideRequest] = []
     original = ledger.decide
 
-    async def capture(request: DecideRequest) -> asyncpg.Record:
+    async def capture(request: DecideRequest, patience: float | None = None) -> asyncpg.Record:
         captured.append(request)
-        return await original(request)
+        return await original(request, patience)
 
     ledger.decide = capture  # type: ignore[method-assign]
     try:

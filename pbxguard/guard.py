@@ -201,7 +201,7 @@ class Guard:
         facts = _facts(row, residence)
         # The places and thresholds of the residence the ledger confirmed: already derived above.
         evaluation = rules.evaluate(
-            campaign, destination, caller, facts, now, self.settings, known=(places, limits)
+            campaign, destination, caller, facts, now, self.settings, known=(places, limits, hours)
         )
         ledger_reasons = {Reason(code) for code in row["reasons"]}
         reasons = set(evaluation.reasons)

@@ -126,7 +126,6 @@ def day_reason(day: date, place: Place, *, regional: bool = True) -> Reason | No
 
 
 @lru_cache(maxsize=64)
-@lru_cache(maxsize=64)
 def _zone(name: str) -> ZoneInfo:
     return ZoneInfo(name)
 
@@ -155,13 +154,25 @@ def local_midnight(day: date, zone: str) -> datetime:
     return datetime.combine(day, time(0), tzinfo=_zone(zone)).astimezone(UTC)
 
 
+_MICROSECOND: Final = timedelta(microseconds=1)
+
+
+@lru_cache(maxsize=16)
+def _window_bounds(end_guard: timedelta) -> tuple[int, int, int, int]:
+    """The two windows in microseconds since local midnight, the guard taken off their ends."""
+    return (
+        _OPEN_MORNING // _MICROSECOND,
+        (_CLOSE_MORNING - end_guard) // _MICROSECOND,
+        _OPEN_AFTERNOON // _MICROSECOND,
+        (_CLOSE_AFTERNOON - end_guard) // _MICROSECOND,
+    )
+
+
 def _in_windows(local: datetime, end_guard: timedelta) -> bool:
-    clock = timedelta(
-        hours=local.hour, minutes=local.minute, seconds=local.second, microseconds=local.microsecond
-    )
-    return (_OPEN_MORNING <= clock < _CLOSE_MORNING - end_guard) or (
-        _OPEN_AFTERNOON <= clock < _CLOSE_AFTERNOON - end_guard
-    )
+    # Integers, not timedeltas: this runs for every place of every decision.
+    clock = ((local.hour * 60 + local.minute) * 60 + local.second) * 1_000_000 + local.microsecond
+    open_morning, close_morning, open_afternoon, close_afternoon = _window_bounds(end_guard)
+    return open_morning <= clock < close_morning or open_afternoon <= clock < close_afternoon
 
 
 def hours_reasons(

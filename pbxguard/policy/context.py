@@ -6,6 +6,7 @@ rule, and the ledger's reserve statement, compare plain values and never convert
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 
@@ -17,6 +18,7 @@ from pbxguard.policy.model import (
     ConsumerFacts,
     Destination,
     Place,
+    Reason,
     Regime,
 )
 from pbxguard.policy.settings import PolicySettings
@@ -35,32 +37,54 @@ class Thresholds:
 
 def thresholds(now: datetime, places: tuple[Place, ...], settings: PolicySettings) -> Thresholds:
     """Most restrictive reading across places: a call must be legal wherever the consumer may be."""
-    if not places:
-        today = now.date()
-        window_start = refusal_since = now
-    else:
-        todays = [calendar.local_date(now, place.zone) for place in places]
-        today = max(todays)
-        window_start = min(
-            calendar.local_midnight(day - timedelta(days=settings.frequency_window_days - 1), place.zone)
-            for day, place in zip(todays, places, strict=True)
-        )
-        refusal_since = min(
-            calendar.local_midnight(day - timedelta(days=settings.refusal_quiet_days), place.zone)
-            for day, place in zip(todays, places, strict=True)
-        )
-    regime = Regime.CONSENT if today >= settings.consent_regime_from else Regime.BLOCTEL
     consent_since = (
         None if settings.consent_max_age_days is None else now - timedelta(days=settings.consent_max_age_days)
     )
+    if not places:
+        today = now.date()
+        return Thresholds(
+            today=today,
+            regime=Regime.CONSENT if today >= settings.consent_regime_from else Regime.BLOCTEL,
+            window_start=now,
+            refusal_since=now,
+            bloctel_since=today - timedelta(days=settings.bloctel_validity_days - 1),
+            contract_on=today,
+            consent_since=consent_since,
+        )
+    day = _day_thresholds(tuple([calendar.local_date(now, place.zone) for place in places]), places, settings)
+    return Thresholds(
+        today=day.today,
+        regime=day.regime,
+        window_start=day.window_start,
+        refusal_since=day.refusal_since,
+        bloctel_since=day.bloctel_since,
+        contract_on=day.contract_on,
+        consent_since=consent_since,
+    )
+
+
+@functools.lru_cache(maxsize=1024)
+def _day_thresholds(
+    days: tuple[date, ...], places: tuple[Place, ...], settings: PolicySettings
+) -> Thresholds:
+    """What depends only on the places' local dates: the same for every call of a day."""
+    today = max(days)
+    window_start = min(
+        calendar.local_midnight(day - timedelta(days=settings.frequency_window_days - 1), place.zone)
+        for day, place in zip(days, places, strict=True)
+    )
+    refusal_since = min(
+        calendar.local_midnight(day - timedelta(days=settings.refusal_quiet_days), place.zone)
+        for day, place in zip(days, places, strict=True)
+    )
     return Thresholds(
         today=today,
-        regime=regime,
+        regime=Regime.CONSENT if today >= settings.consent_regime_from else Regime.BLOCTEL,
         window_start=window_start,
         refusal_since=refusal_since,
         bloctel_since=today - timedelta(days=settings.bloctel_validity_days - 1),
         contract_on=today,
-        consent_since=consent_since,
+        consent_since=None,
     )
 
 
@@ -74,6 +98,8 @@ class RuleContext:
     now: datetime
     settings: PolicySettings
     limits: Thresholds
+    # The day and hour reasons at `now` in `places`, when the caller already worked them out.
+    hours: frozenset[Reason] | None = None
 
     @property
     def contract_in_progress(self) -> bool:

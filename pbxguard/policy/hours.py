@@ -29,6 +29,8 @@ def lifted_by_consent(ctx: RuleContext) -> bool:
 def check(ctx: RuleContext) -> set[Reason]:
     if not ctx.consumer_rules_apply or lifted_by_consent(ctx):
         return set()
+    if ctx.hours is not None:
+        return set(ctx.hours)
     return set(
         calendar.hours_reasons(
             ctx.now,

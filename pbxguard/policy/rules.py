@@ -67,6 +67,12 @@ class Evaluation:
         return not self.reasons
 
 
+# The places of the consumer's residence, their thresholds at `now`, and the day and hour reasons at
+# `now` (calendar.hours_reasons with the settings' regional holidays and end guard), as the guard
+# derives them before its ledger round trip.
+Known = tuple[tuple[Place, ...], Thresholds, frozenset[Reason]]
+
+
 def context(
     campaign: Campaign | None,
     destination: Destination,
@@ -74,14 +80,15 @@ def context(
     facts: ConsumerFacts,
     now: datetime,
     settings: PolicySettings,
-    known: tuple[tuple[Place, ...], Thresholds] | None = None,
+    known: Known | None = None,
 ) -> RuleContext:
-    """`known`: the places and thresholds the caller already derived for this residence and `now`."""
+    """`known`: what the caller already derived for this residence at `now` (see Known)."""
+    hours = None
     if known is None:
         places = places_for(destination, facts.residence)
         limits = thresholds(now, places, settings)
     else:
-        places, limits = known
+        places, limits, hours = known
     return RuleContext(
         campaign=campaign,
         destination=destination,
@@ -91,6 +98,7 @@ def context(
         now=now,
         settings=settings,
         limits=limits,
+        hours=hours,
     )
 
 
@@ -108,7 +116,7 @@ def evaluate(
     facts: ConsumerFacts,
     now: datetime,
     settings: PolicySettings,
-    known: tuple[tuple[Place, ...], Thresholds] | None = None,
+    known: Known | None = None,
 ) -> Evaluation:
     if now.tzinfo is None:
         raise ValueError("now must be timezone-aware")

@@ -41,34 +41,27 @@ def thresholds(now: datetime, places: tuple[Place, ...], settings: PolicySetting
         None if settings.consent_max_age_days is None else now - timedelta(days=settings.consent_max_age_days)
     )
     if not places:
-        today = now.date()
-        return Thresholds(
-            today=today,
-            regime=Regime.CONSENT if today >= settings.consent_regime_from else Regime.BLOCTEL,
-            window_start=now,
-            refusal_since=now,
-            bloctel_since=today - timedelta(days=settings.bloctel_validity_days - 1),
-            contract_on=today,
-            consent_since=consent_since,
-        )
-    day = _day_thresholds(tuple([calendar.local_date(now, place.zone) for place in places]), places, settings)
+        today, window_start, refusal_since = now.date(), now, now
+    else:
+        days = tuple([calendar.local_date(now, place.zone) for place in places])
+        today, window_start, refusal_since = _day_starts(days, places, settings)
     return Thresholds(
-        today=day.today,
-        regime=day.regime,
-        window_start=day.window_start,
-        refusal_since=day.refusal_since,
-        bloctel_since=day.bloctel_since,
-        contract_on=day.contract_on,
+        today=today,
+        regime=Regime.CONSENT if today >= settings.consent_regime_from else Regime.BLOCTEL,
+        window_start=window_start,
+        refusal_since=refusal_since,
+        bloctel_since=today - timedelta(days=settings.bloctel_validity_days - 1),
+        contract_on=today,
         consent_since=consent_since,
     )
 
 
 @functools.lru_cache(maxsize=1024)
-def _day_thresholds(
+def _day_starts(
     days: tuple[date, ...], places: tuple[Place, ...], settings: PolicySettings
-) -> Thresholds:
-    """What depends only on the places' local dates: the same for every call of a day."""
-    today = max(days)
+) -> tuple[date, datetime, datetime]:
+    """Today, the frequency window's start and the quiet period's start, from the places' local
+    dates alone: the same for every call of a day, so worked out once."""
     window_start = min(
         calendar.local_midnight(day - timedelta(days=settings.frequency_window_days - 1), place.zone)
         for day, place in zip(days, places, strict=True)
@@ -77,15 +70,7 @@ def _day_thresholds(
         calendar.local_midnight(day - timedelta(days=settings.refusal_quiet_days), place.zone)
         for day, place in zip(days, places, strict=True)
     )
-    return Thresholds(
-        today=today,
-        regime=Regime.CONSENT if today >= settings.consent_regime_from else Regime.BLOCTEL,
-        window_start=window_start,
-        refusal_since=refusal_since,
-        bloctel_since=today - timedelta(days=settings.bloctel_validity_days - 1),
-        contract_on=today,
-        consent_since=None,
-    )
+    return max(days), window_start, refusal_since
 
 
 @dataclass(frozen=True, slots=True)

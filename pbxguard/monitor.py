@@ -200,7 +200,7 @@ class CallTracker:
         return Outcome(call.decision_id, outcome_for(answered, call.causes, call.reason), at, duration)
 
     def observe(self, message: Message, at: datetime) -> Outcome | Feedback | None:
-        kind, name = message.kind
+        kind, name = message.server_kind
         if kind == "response":
             action_id = message.action_id
             if action_id in self._by_action and (message.get("Response") or "").strip().lower() == "error":
@@ -351,7 +351,7 @@ class Monitor:
         self.tracker.link_lost()
 
     def observe(self, message: Message) -> None:
-        kind, name = message.kind
+        kind, name = message.server_kind
         if kind == "event":
             if name.lower() not in _FOLLOWED_EVENTS:
                 return

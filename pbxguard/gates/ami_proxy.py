@@ -230,7 +230,7 @@ class ActionRouter:
             self._recent.popitem(last=False)
 
     def route(self, message: Message) -> Route | None:
-        kind, name = message.kind
+        kind, name = message.server_kind
         action_id = message.action_id
         if kind == "response":
             pending = self._open.get(action_id) if action_id else None
@@ -450,7 +450,7 @@ class UpstreamLink:
             writer.write(encode(message))
             while True:
                 item = await next_item()
-                if isinstance(item, Message) and item.kind[0] == "response" and item.action_id == action_id:
+                if isinstance(item, Message) and item.server_kind[0] == "response" and item.action_id == action_id:
                     return item
 
         first = await next_item()
@@ -509,7 +509,7 @@ class UpstreamLink:
                     self._dispatch(item)
 
     def _dispatch(self, message: Message) -> None:
-        kind, name = message.kind
+        kind, name = message.server_kind
         if kind == "response" and (message.action_id or "").startswith(LINK_PREFIX):
             return
         if kind == "event":

@@ -1107,6 +1107,13 @@ def test_refusal_events_are_parsed() -> None:
     )
     assert tracker.observe(_ev("UserEvent", UserEvent="Other", Number="1"), t0) is None
 
+    # A dialplan UserEvent can carry any header, "Action" included: what Asterisk sends is classed by
+    # its first header, so this is still a refusal, not an action.
+    carried = Message(
+        (("Event", "UserEvent"), ("Action", "Originate"), ("UserEvent", "PbxguardRefusal"), ("Number", "2"))
+    )
+    assert isinstance(tracker.observe(carried, t0), Feedback)
+
 
 # -- configuration ----------------------------------------------------------------------------------
 

@@ -586,7 +586,8 @@ class Ledger:
         self, items: Sequence[tuple[uuid.UUID, str, datetime, int | None]]
     ) -> int:
         """Calls' outcomes, in one transaction; a decision's first outcome stays.  Returns how many
-        journal rows took theirs."""
+        journal rows took theirs.  (`= ANY($1)` gives the planner the index condition: joined with
+        unnest alone, a generic plan may scan the whole journal.)"""
         first: dict[uuid.UUID, tuple[uuid.UUID, str, datetime, int | None]] = {}
         for item in items:
             first.setdefault(item[0], item)
@@ -604,7 +605,7 @@ class Ledger:
                 UPDATE pbxguard.attempts a SET outcome = u.outcome, outcome_at = u.at, duration_s = u.duration
                   FROM unnest($1::uuid[], $2::text[], $3::timestamptz[], $4::integer[])
                        AS u(id, outcome, at, duration)
-                 WHERE a.decision_id = u.id AND a.outcome IS NULL
+                 WHERE a.decision_id = u.id AND a.decision_id = ANY($1) AND a.outcome IS NULL
                 """,
                 *columns,
             )
@@ -613,7 +614,7 @@ class Ledger:
                 UPDATE pbxguard.decisions d SET outcome = u.outcome, outcome_at = u.at, duration_s = u.duration
                   FROM unnest($1::uuid[], $2::text[], $3::timestamptz[], $4::integer[])
                        AS u(id, outcome, at, duration)
-                 WHERE d.id = u.id AND d.outcome IS NULL
+                 WHERE d.id = u.id AND d.id = ANY($1) AND d.outcome IS NULL
                 """,
                 *columns,
             )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import resource
 import signal
@@ -127,6 +128,10 @@ class Daemon:
 
     async def start(self) -> None:
         numbers.warm_up()
+        # What start-up built (phonenumbers' metadata, the rules' tables) lives as long as the
+        # process: out of the collector's sight, every collection no longer walks it again.
+        gc.collect()
+        gc.freeze()
         await self._connect_ledger_first()
         self._tasks.append(asyncio.create_task(self._watch_ledger(), name="ledger-watch"))
         self._tasks.append(asyncio.create_task(self.guard.run_flusher(), name="journal-completer"))

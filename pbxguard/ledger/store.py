@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import asyncpg
 
@@ -114,13 +114,17 @@ class DecideRequest:
         )  # fmt: skip
 
 
+_LIST_ARGS: Final = frozenset({"static_reasons", "hours_reasons", "territories", "zones"})
+
+
 def batch_args(requests: Sequence[DecideRequest]) -> list[list[Any]]:
-    """DECIDE_BATCH_SQL's 25 arrays, one element per request."""
-    columns: list[list[Any]] = [[] for _ in range(25)]
-    for request in requests:
-        for index, value in enumerate(request.args()):
-            columns[index].append(",".join(value) if isinstance(value, list) else value)
-    return columns
+    """DECIDE_BATCH_SQL's 25 arrays, one element per request, in decide's argument order."""
+    return [
+        [",".join(getattr(r, name)) for r in requests]
+        if name in _LIST_ARGS
+        else [getattr(r, name) for r in requests]
+        for name in DecideRequest.__dataclass_fields__
+    ]
 
 
 # A queued decision: its request, its caller's future, and the loop time its caller gives up at.

@@ -416,12 +416,17 @@ def places_for(destination: Destination, residence: Residence) -> tuple[Place, .
     same territory when its departement differs (a Moselle consumer with a +33 number: Paris hours,
     plus the Alsace-Moselle holidays).
     """
+    return _places(destination.territories if destination.valid else (), residence)
+
+
+@lru_cache(maxsize=1024)
+def _places(territories: tuple[str, ...], residence: Residence) -> tuple[Place, ...]:
+    # A handful of territory and residence combinations serve every call: worked out once each.
     places: list[Place] = []
-    if destination.valid:
-        for territory in destination.territories:
-            zone = TERRITORY_ZONES.get(territory)
-            if zone is not None:
-                places.append(Place(territory=territory, zone=zone, departement=None))
+    for territory in territories:
+        zone = TERRITORY_ZONES.get(territory)
+        if zone is not None:
+            places.append(Place(territory=territory, zone=zone, departement=None))
     home = _residence_place(residence)
     if home is not None:
         places.append(home)

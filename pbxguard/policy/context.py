@@ -44,7 +44,9 @@ def thresholds(now: datetime, places: tuple[Place, ...], settings: PolicySetting
         today, window_start, refusal_since = now.date(), now, now
     else:
         days = tuple([calendar.local_date(now, place.zone) for place in places])
-        today, window_start, refusal_since = _day_starts(days, places, settings)
+        today, window_start, refusal_since = _day_starts(
+            days, places, settings.frequency_window_days, settings.refusal_quiet_days
+        )
     return Thresholds(
         today=today,
         regime=Regime.CONSENT if today >= settings.consent_regime_from else Regime.BLOCTEL,
@@ -58,16 +60,17 @@ def thresholds(now: datetime, places: tuple[Place, ...], settings: PolicySetting
 
 @functools.lru_cache(maxsize=1024)
 def _day_starts(
-    days: tuple[date, ...], places: tuple[Place, ...], settings: PolicySettings
+    days: tuple[date, ...], places: tuple[Place, ...], window_days: int, quiet_days: int
 ) -> tuple[date, datetime, datetime]:
     """Today, the frequency window's start and the quiet period's start, from the places' local
-    dates alone: the same for every call of a day, so worked out once."""
+    dates alone: the same for every call of a day, so worked out once.  (Keyed by the two settings
+    it reads, not by the settings: hashing those costs more than the rest of the lookup.)"""
     window_start = min(
-        calendar.local_midnight(day - timedelta(days=settings.frequency_window_days - 1), place.zone)
+        calendar.local_midnight(day - timedelta(days=window_days - 1), place.zone)
         for day, place in zip(days, places, strict=True)
     )
     refusal_since = min(
-        calendar.local_midnight(day - timedelta(days=settings.refusal_quiet_days), place.zone)
+        calendar.local_midnight(day - timedelta(days=quiet_days), place.zone)
         for day, place in zip(days, places, strict=True)
     )
     return max(days), window_start, refusal_since

@@ -6,6 +6,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 from datetime import date, timedelta
+from functools import lru_cache
 
 
 class AuthorizationScope(enum.StrEnum):
@@ -27,4 +28,10 @@ class PolicySettings:
 
     @property
     def end_guard(self) -> timedelta:
-        return timedelta(minutes=self.end_guard_minutes)
+        return _minutes(self.end_guard_minutes)
+
+
+@lru_cache(maxsize=64)
+def _minutes(count: int) -> timedelta:
+    # Asked for by every decision; the same few values all along.
+    return timedelta(minutes=count)

@@ -13,8 +13,7 @@ import time
 from datetime import UTC, datetime
 
 from bench.common import CALLER_ID, LEGAL_NOW, Figure
-from pbxguard.policy import calendar, numbers, rules
-from pbxguard.policy.context import thresholds
+from pbxguard.policy import numbers, rules
 from pbxguard.policy.model import Campaign, ConsumerFacts
 from pbxguard.policy.settings import PolicySettings
 
@@ -59,12 +58,7 @@ def _measure(count: int) -> Figure:
         destination = numbers.parse_destination(number)
         caller = numbers.classify_caller_id(CALLER_ID)
         # As the guard does: derived once before the ledger round trip, reused by the rules after.
-        places = numbers.places_for(destination, facts.residence)
-        limits = thresholds(LEGAL_NOW, places, policy)
-        hours = calendar.hours_reasons(
-            LEGAL_NOW, places, regional=policy.regional_holidays, end_guard=policy.end_guard
-        )
-        known = (places, limits, hours)
+        known = rules.known_at(destination, facts.residence, LEGAL_NOW, policy)
         allowed += rules.evaluate(
             campaign, destination, caller, facts, LEGAL_NOW, policy, known=known
         ).allowed

@@ -21,8 +21,7 @@ import asyncpg
 
 from pbxguard.config import Mode
 from pbxguard.ledger.store import DecideRequest, Ledger, StoreError
-from pbxguard.policy import calendar, caller_id_rules, rules
-from pbxguard.policy.context import thresholds
+from pbxguard.policy import caller_id_rules, rules
 from pbxguard.policy.model import (
     CallAttempt,
     CallerIdKind,
@@ -37,7 +36,7 @@ from pbxguard.policy.model import (
     Verdict,
     sort_reasons,
 )
-from pbxguard.policy.numbers import classify_caller_id, parse_destination, places_for
+from pbxguard.policy.numbers import classify_caller_id, parse_destination
 from pbxguard.policy.settings import PolicySettings
 
 log = logging.getLogger("pbxguard.guard")
@@ -119,18 +118,8 @@ class Guard:
             if self.ledger is None:
                 raise StoreError("no ledger configured")
             for _ in range(3):
-                places = places_for(destination, residence)
-                limits = thresholds(now, places, self.settings)
-                hours = (
-                    calendar.hours_reasons(
-                        now,
-                        places,
-                        regional=self.settings.regional_holidays,
-                        end_guard=self.settings.end_guard,
-                    )
-                    if places
-                    else frozenset()
-                )
+                known = rules.known_at(destination, residence, now, self.settings)
+                _, limits, hours = known
                 static = caller_id_rules.static_reasons(caller.kind)
                 if not destination.valid:
                     static.add(Reason.INVALID_DESTINATION)
@@ -199,10 +188,8 @@ class Guard:
             )
         campaign = _campaign(attempt.campaign_id, row)
         facts = _facts(row, residence)
-        # The places and thresholds of the residence the ledger confirmed: already derived above.
-        evaluation = rules.evaluate(
-            campaign, destination, caller, facts, now, self.settings, known=(places, limits, hours)
-        )
+        # What was derived above for the residence the ledger confirmed.
+        evaluation = rules.evaluate(campaign, destination, caller, facts, now, self.settings, known=known)
         ledger_reasons = {Reason(code) for code in row["reasons"]}
         reasons = set(evaluation.reasons)
         if ledger_reasons != reasons:

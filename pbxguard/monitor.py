@@ -53,9 +53,9 @@ FAILED: Final = "failed"
 # Q.850 causes (Hangup "Cause") that tell why an unanswered call ended.
 _BUSY_CAUSES: Final = frozenset({17})  # user busy
 _NO_ANSWER_CAUSES: Final = frozenset({16, 18, 19})  # cleared before answer, no user responding, no answer
-# The only events the monitor reads; the rest of Asterisk's stream is skipped at once.
 # Outcomes written in one transaction at most.
 _OUTCOME_BATCH: Final = 500
+# The only events the monitor reads; the rest of Asterisk's stream is skipped at once.
 _FOLLOWED_EVENTS: Final = frozenset({"originateresponse", "varset", "newstate", "hangup", "userevent"})
 # OriginateResponse "Reason" (the AST_CONTROL_* frame that ended the attempt).
 _BUSY_REASONS: Final = frozenset({5})  # AST_CONTROL_BUSY

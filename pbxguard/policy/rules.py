@@ -31,6 +31,7 @@ from pbxguard.policy.model import (
     Destination,
     Place,
     Reason,
+    Residence,
     sort_reasons,
 )
 from pbxguard.policy.numbers import places_for
@@ -67,10 +68,19 @@ class Evaluation:
         return not self.reasons
 
 
-# The places of the consumer's residence, their thresholds at `now`, and the day and hour reasons at
-# `now` (calendar.hours_reasons with the settings' regional holidays and end guard), as the guard
-# derives them before its ledger round trip.
+# The places of a residence, their thresholds at `now`, and the day and hour reasons at `now`: what
+# the guard works out before its ledger round trip (known_at()) and hands back to evaluate().
 Known = tuple[tuple[Place, ...], Thresholds, frozenset[Reason]]
+
+
+def known_at(
+    destination: Destination, residence: Residence, now: datetime, settings: PolicySettings
+) -> Known:
+    places = places_for(destination, residence)
+    day_hours = calendar.hours_reasons(
+        now, places, regional=settings.regional_holidays, end_guard=settings.end_guard
+    )
+    return places, thresholds(now, places, settings), day_hours
 
 
 def context(

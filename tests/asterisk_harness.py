@@ -421,8 +421,9 @@ class AmiClient:
         self._task.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await self._task
+        # Bounded: a peer that stopped reading would otherwise hold the flush, and the test, forever.
         with contextlib.suppress(Exception):
-            await self._writer.wait_closed()
+            await asyncio.wait_for(self._writer.wait_closed(), 5)
 
 
 # -- reading a call's fate from Asterisk's own events -------------------------------------------------

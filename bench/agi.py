@@ -1,16 +1,19 @@
 """agi_ratio and agi_p99_ms: FastAGI `check` decisions against a bare FastAGI server.
 
 The clients speak the protocol as Asterisk does: the agi_* environment, then one reply per command
-(`200 result=1 (value)` to a read, `200 result=1` to a SET VARIABLE) until the server hangs up.
+until the server hangs up: to the GET FULL VARIABLE of the channel facts, what Asterisk expands it to
+for caller ID 0162123456 without token or campaign variable; `200 result=0` to EXEC MSet (and
+`200 result=1` to a SET VARIABLE, should the gate fall back to it).
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import re
 import time
 
-from bench.common import Figure, consumer, percentile
+from bench.common import CALLER_ID, Figure, consumer, percentile
 
 ENV_TEMPLATE = (
     "agi_network: yes\nagi_network_script: check?campaign=bench\nagi_request: agi://127.0.0.1/check\n"
@@ -21,6 +24,27 @@ ENV_TEMPLATE = (
     "agi_extension: {number}\nagi_priority: 2\nagi_enhanced: 0.0\nagi_accountcode: \n"
     "agi_threadid: 140000000000000\nagi_arg_1: {number}\n\n"
 )
+
+
+# What Asterisk answers to pbxguard.gates.fastagi.CHANNEL_FACTS for this caller ID and no token.
+FACTS_REPLY = f"200 result=1 ({len(CALLER_ID)}:0:{CALLER_ID})\n".encode()
+_MSET_PAIR = re.compile(rb'(?:^EXEC "MSet" "|,)(PBXGUARD_[A-Z]+)=((?:[^,"\\]|\\\\,)*)')
+_SET_VARIABLE = re.compile(rb'^SET VARIABLE "?([A-Za-z0-9_]+)"? "(.*)"$')
+
+
+def answer(line: bytes, variables: dict[str, str]) -> bytes:
+    """Asterisk's reply to one command of a `check`; what it sets goes into ``variables``."""
+    if line.startswith(b"GET FULL VARIABLE"):
+        return FACTS_REPLY
+    if line.startswith(b"GET VARIABLE"):
+        return b"200 result=0\n"
+    if line.startswith(b'EXEC "MSet"'):
+        for name, value in _MSET_PAIR.findall(line):
+            variables[name.decode()] = value.replace(b"\\\\,", b",").decode()
+        return b"200 result=0\n"
+    if match := _SET_VARIABLE.match(line.rstrip(b"\r\n")):
+        variables[match[1].decode()] = match[2].decode()
+    return b"200 result=1\n"
 
 
 async def one_check(port: int, number: str, serial: int) -> tuple[float, str]:
@@ -34,24 +58,14 @@ async def one_check(port: int, number: str, serial: int) -> tuple[float, str]:
 
 async def _exchange(port: int, number: str, serial: int, started: float) -> tuple[float, str]:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    verdict = ""
+    variables: dict[str, str] = {}
     try:
         writer.write(ENV_TEMPLATE.format(number=number, serial=serial).encode())
-        while True:
-            line = await reader.readline()
-            if not line:
-                break
-            if line.startswith(b"GET FULL VARIABLE"):
-                writer.write(b"200 result=1 (0162123456)\n")
-            elif line.startswith(b"GET VARIABLE"):
-                writer.write(b"200 result=0\n")
-            else:
-                if b"PBXGUARD_VERDICT" in line:
-                    verdict = line.split(b'"')[3].decode()
-                writer.write(b"200 result=1\n")
+        while line := await reader.readline():
+            writer.write(answer(line, variables))
     finally:
         writer.close()
-    return time.perf_counter() - started, verdict
+    return time.perf_counter() - started, variables.get("PBXGUARD_VERDICT", "")
 
 
 async def closed_loop(

@@ -1,5 +1,6 @@
 """A bare FastAGI server that answers at once: the same command exchange as pbxguard's `check`
-(two reads, four variables set), with a constant verdict and no decision.  The baseline of agi_ratio."""
+(the channel facts read in one command, the four variables set in one), with a constant verdict and no
+decision.  The baseline of agi_ratio."""
 
 from __future__ import annotations
 
@@ -7,19 +8,21 @@ import asyncio
 import contextlib
 import sys
 
+from pbxguard.gates.fastagi import CHANNEL_FACTS
+from pbxguard.protocols.agi import quote_argument
+
+COMMANDS = (
+    f"GET FULL VARIABLE {quote_argument(CHANNEL_FACTS)}\n".encode(),
+    b'EXEC "MSet" "PBXGUARD_REASONS=,PBXGUARD_NEXT=,'
+    b'PBXGUARD_DECISION=00000000-0000-0000-0000-000000000000,PBXGUARD_VERDICT=ALLOW"\n',
+)
+
 
 async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     try:
         while (await reader.readline()).strip():
             pass
-        for command in (
-            b'GET FULL VARIABLE "${CALLERID(num)}"\n',
-            b'GET VARIABLE "PBXGUARD_TOKEN"\n',
-            b'SET VARIABLE "PBXGUARD_REASONS" ""\n',
-            b'SET VARIABLE "PBXGUARD_NEXT" ""\n',
-            b'SET VARIABLE "PBXGUARD_DECISION" "00000000-0000-0000-0000-000000000000"\n',
-            b'SET VARIABLE "PBXGUARD_VERDICT" "ALLOW"\n',
-        ):
+        for command in COMMANDS:
             writer.write(command)
             if not await reader.readline():
                 break

@@ -63,7 +63,7 @@ from typing import Any
 import aiohttp
 import asyncpg
 
-from bench.agi import ENV_TEMPLATE
+from bench.agi import ENV_TEMPLATE, answer
 from bench.common import (
     CALLER_ID,
     consumer,
@@ -132,8 +132,6 @@ class Lifetime:
 
 # -- clients ----------------------------------------------------------------------------------------
 
-_SET_VARIABLE = re.compile(rb'^SET VARIABLE "?([A-Za-z0-9_]+)"? "(.*)"$')
-
 
 async def agi_check(port: int, number: str, key: str) -> tuple[str, tuple[str, ...], str, str]:
     """One FastAGI `check` as Asterisk runs it; (outcome, reasons, decision, error)."""
@@ -142,19 +140,8 @@ async def agi_check(port: int, number: str, key: str) -> tuple[str, tuple[str, .
     try:
         # ENV_TEMPLATE sets agi_uniqueid to "bench.{serial}": the gate's call key.
         writer.write(ENV_TEMPLATE.format(number=number, serial=key).encode())
-        while True:
-            line = await reader.readline()
-            if not line:
-                break
-            if line.startswith(b"GET FULL VARIABLE"):
-                writer.write(f"200 result=1 ({CALLER_ID})\n".encode())
-            elif line.startswith(b"GET VARIABLE"):
-                writer.write(b"200 result=0\n")
-            else:
-                match = _SET_VARIABLE.match(line.rstrip(b"\r\n"))
-                if match:
-                    variables[match[1].decode()] = match[2].decode()
-                writer.write(b"200 result=1\n")
+        while line := await reader.readline():
+            writer.write(answer(line, variables))
     finally:
         writer.close()
     verdict = variables.get("PBXGUARD_VERDICT")

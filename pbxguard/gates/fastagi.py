@@ -9,7 +9,9 @@ Asterisk connects for ``AGI(agi://HOST[:PORT]/SCRIPT[?campaign=ID],ARG1,ARG2)``;
   counted this call, is handed to the guard, which then allows the same number without counting it
   again. Call key: ``agi_uniqueid``, so a dialplan that runs the check twice on one channel gets the
   same decision and one count. Sets ``PBXGUARD_REASONS``, ``PBXGUARD_NEXT``, ``PBXGUARD_DECISION`` and,
-  last, ``PBXGUARD_VERDICT`` (``ALLOW`` only when the decision permits the call).
+  last, ``PBXGUARD_VERDICT`` (``ALLOW`` only when the decision permits the call). Two commands in all:
+  one ``GET FULL VARIABLE`` reads caller ID, token and campaign variable together, one ``EXEC MSet``
+  sets the four variables; each falls back to one command per variable when Asterisk cannot do it.
 - ``refusal`` / ``opposition``: record the consumer's refusal (60-day quiet period) or opposition.
   Number: ``ARG1``, else ``PBXGUARD_NUMBER`` (set by the shipped ``pbxguard-check`` routine and
   inherited by the dialled channel), else ``agi_extension``. Sets ``PBXGUARD_RECORDED`` to 1 or 0.
@@ -54,11 +56,14 @@ from pbxguard.protocols.agi import (
 )
 
 __all__ = [
+    "CHANNEL_FACTS",
     "SCRIPTS",
     "AgiRequest",
     "FastAgiGate",
     "caller_id_from_env",
+    "mset_data",
     "parse_request",
+    "split_channel_facts",
     "unavailable_decision",
     "verdict_variables",
 ]
@@ -74,6 +79,15 @@ _MAX_REPLY_RESERVE: Final = 0.5
 _OVERFLOW_LOG_INTERVAL: Final = 5.0
 # A connection without its environment after this long (at most half the timeout) may be displaced.
 DISPLACE_AFTER: Final = 1.0
+# What `check` reads from the channel, in one GET FULL VARIABLE instead of three: each round trip is a
+# wake-up of Asterisk's AGI thread and of this process. LEN counts bytes, so the values, which may hold
+# any character, are cut by length and never by a separator.
+CHANNEL_FACTS: Final = (
+    "${LEN(${CALLERID(num)})}:${LEN(${PBXGUARD_TOKEN})}:${CALLERID(num)}${PBXGUARD_TOKEN}${PBXGUARD_CAMPAIGN}"
+)
+# Characters a verdict variable may hold to be set through MSet: none of them means anything to
+# Asterisk's argument splitter or to AGIEXECFULL's substitution, except the comma, which is escaped.
+_MSET_SAFE: Final = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-+:., ")
 
 
 # -- pure part --------------------------------------------------------------------------------------
@@ -137,6 +151,47 @@ def verdict_variables(decision: Decision) -> list[tuple[str, str]]:
         ("PBXGUARD_DECISION", decision.id),
         ("PBXGUARD_VERDICT", "ALLOW" if decision.permits_call else "BLOCK"),
     ]
+
+
+def split_channel_facts(value: str) -> tuple[str, str, str] | None:
+    """(caller ID, token, campaign) from what Asterisk made of :data:`CHANNEL_FACTS`.
+
+    None when it does not parse: an Asterisk without ``LEN`` (func_strings not loaded) expands it to
+    nothing, and a value that was not valid UTF-8 no longer has the byte length Asterisk counted. The
+    gate then reads the three values one at a time.
+    """
+    caller_len, sep1, rest = value.partition(":")
+    token_len, sep2, rest = rest.partition(":")
+    if not (sep1 and sep2 and caller_len.isdigit() and token_len.isdigit()):
+        return None
+    raw = rest.encode("utf-8")
+    caller_end = int(caller_len)
+    token_end = caller_end + int(token_len)
+    if token_end > len(raw):
+        return None
+    try:
+        return (
+            raw[:caller_end].decode("utf-8"),
+            raw[caller_end:token_end].decode("utf-8"),
+            raw[token_end:].decode("utf-8"),
+        )
+    except UnicodeDecodeError:
+        return None
+
+
+def mset_data(variables: list[tuple[str, str]]) -> str | None:
+    """The argument of one ``EXEC MSet`` that sets ``variables`` in order (one round trip instead of
+    one per variable), or None when a value holds a character MSet could misread.
+
+    MSet splits its argument like any dialplan application (a backslash escapes the next character),
+    then each pair at its first ``=``.
+    """
+    pairs = []
+    for name, value in variables:
+        if not _MSET_SAFE.issuperset(name) or not _MSET_SAFE.issuperset(value):
+            return None
+        pairs.append(f"{name}={value.replace(',', chr(92) + ',')}")
+    return ",".join(pairs)
 
 
 def unavailable_decision(attempt: CallAttempt, now: datetime, *, shadow: bool) -> Decision:
@@ -240,6 +295,11 @@ class _Session:
         if reply.code == 200 and reply.result == "1":
             return reply.data or ""
         return None
+
+    async def exec_application(self, application: str, data: str) -> bool:
+        """Whether ``EXEC`` ran ``application`` (it answers -2 when there is no such application)."""
+        reply = await self.command("EXEC", application, data)
+        return reply.code == 200 and reply.result == "0"
 
     async def set_variable(self, name: str, value: str, *, through_hangup: bool = False) -> None:
         reply = await self.command("SET VARIABLE", name, value, through_hangup=through_hangup)
@@ -394,13 +454,10 @@ class FastAgiGate:
 
     async def _check(self, session: _Session, request: AgiRequest, answer_by: float) -> None:
         async with asyncio.timeout_at(answer_by):
-            # One round trip each. CALLERID(num) rather than agi_callerid: it is what Asterisk will
-            # present, and it tells an empty number from the literal "unknown".
-            caller_id = await session.get_expression("${CALLERID(num)}")
-            token = await session.get_variable("PBXGUARD_TOKEN")
-            campaign = request.campaign
-            if campaign is None:
-                campaign = (await session.get_variable("PBXGUARD_CAMPAIGN") or "").strip()
+            caller_id, token, channel_campaign = await self._channel_facts(
+                session, need_campaign=request.campaign is None
+            )
+        campaign = request.campaign if request.campaign is not None else channel_campaign.strip()
         attempt = CallAttempt(
             number=request.number or "",
             campaign_id=campaign,
@@ -424,8 +481,11 @@ class FastAgiGate:
             log.exception("deciding %s failed: blocked (STORE_UNAVAILABLE)", self._mask(attempt.number))
             decision = unavailable_decision(attempt, now, shadow=self._guard.shadow)
         # The overall deadline still applies while we answer.
-        for name, value in verdict_variables(decision):
-            await session.set_variable(name, value)
+        variables = verdict_variables(decision)
+        data = mset_data(variables)
+        if data is None or not await session.exec_application("MSet", data):
+            for name, value in variables:
+                await session.set_variable(name, value)
         log.debug(
             "FastAGI check",
             extra={
@@ -439,6 +499,20 @@ class FastAgiGate:
                 }
             },
         )
+
+    @staticmethod
+    async def _channel_facts(session: _Session, *, need_campaign: bool) -> tuple[str | None, str, str]:
+        """(caller ID, token, campaign variable) as the channel holds them; caller ID None when Asterisk
+        would not say. CALLERID(num) rather than agi_callerid: it is what Asterisk will present, and it
+        tells an empty number from the literal "unknown"."""
+        combined = await session.get_expression(CHANNEL_FACTS)
+        facts = split_channel_facts(combined) if combined is not None else None
+        if facts is not None:
+            return facts
+        caller_id = await session.get_expression("${CALLERID(num)}")
+        token = await session.get_variable("PBXGUARD_TOKEN") or ""
+        campaign = (await session.get_variable("PBXGUARD_CAMPAIGN") or "") if need_campaign else ""
+        return caller_id, token, campaign
 
     async def _feedback(self, session: _Session, request: AgiRequest, answer_by: float) -> None:
         recorded = False

@@ -28,6 +28,7 @@ from typing import Any
 
 import aiohttp
 import asyncpg
+from agi_channel import agi_arguments, expand, mset_pairs
 from aiohttp import web
 
 from pbxguard.ledger import journal
@@ -277,9 +278,16 @@ async def agi_check(
         async with asyncio.timeout(limit):
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
             writer.write(agi_environment(number, answer.uniqueid, caller_id=caller_id))
+            channel = {"CALLERID(num)": caller_id, "PBXGUARD_TOKEN": token or ""}
             while line := (await reader.readline()).decode("utf-8", "replace").rstrip("\n"):
                 if line.startswith("GET FULL VARIABLE"):
-                    writer.write(f"200 result=1 ({caller_id})\n".encode())
+                    value = expand(agi_arguments(line)[3], lambda name: channel.get(name, ""))
+                    writer.write(f"200 result=1 ({value})\n".encode())
+                elif line.startswith('EXEC "MSet"'):
+                    answer.variables.update(mset_pairs(agi_arguments(line)[2]))
+                    if "PBXGUARD_VERDICT" in answer.variables:
+                        answer.elapsed = time.monotonic() - answer.started
+                    writer.write(b"200 result=0\n")
                 elif match := _GET.match(line):
                     name = _unquote(match.group(1))
                     if name == "PBXGUARD_TOKEN" and token:

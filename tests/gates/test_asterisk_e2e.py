@@ -20,6 +20,7 @@ from asterisk_harness import (  # the fixtures too: `pytest_plugins` here would 
     AsteriskInstance,
     ami,
     asterisk,
+    channel_events,
     find_asterisk,
     free_port,
     hangup_event,
@@ -45,6 +46,7 @@ from pbxguard.guard import Guard
 from pbxguard.ledger.store import Ledger
 from pbxguard.policy.model import CallAttempt, Campaign
 from pbxguard.policy.settings import PolicySettings
+from pbxguard.protocols.ami import Message
 
 # Skipped before any fixture (PostgreSQL included) is set up when there is no binary.
 pytestmark = [pytest.mark.asterisk, pytest.mark.skipif(find_asterisk() is None, reason=skip_reason())]
@@ -161,6 +163,54 @@ async def test_twenty_calls_through_the_sample_dialplan(
             assert (cdr["disposition"], cdr["billsec"]) == ("NO ANSWER", "0"), where
         assert cdr["dst"] == case.number and cdr["src"] == case.caller_id, where
     assert await attempts(ledger) == 5
+
+
+def agi_commands(events: list[Message], uniqueid: str) -> list[str]:
+    """The AGI commands Asterisk ran on a channel, as its AGIExecStart events report them."""
+    return [
+        e.get("Command", "") for e in channel_events(events, uniqueid) if e.get("Event") == "AGIExecStart"
+    ]
+
+
+async def test_a_check_is_two_agi_commands_and_keeps_commas_in_reasons(
+    ami: AmiClient, agi_gate: FastAgiGate
+) -> None:
+    # Two rules broken at once: the reasons hold a comma, which MSet must not take for a separator.
+    _, leg = await originate_local(
+        ami,
+        "0698765432",
+        call_id=call_id("two"),
+        caller_id='"ACME" <0611111111>',
+        variables={"__PBXGUARD_CAMPAIGN": "c1"},
+    )
+    await ami.wait_for(lambda events: hangup_event(events, leg) is not None)
+    reasons = (variable_value(ami.events, leg, "PBXGUARD_REASONS") or "").split(",")
+    assert {"NO_CONSENT", "CALLER_ID_MOBILE"} <= set(reasons)
+    assert variable_value(ami.events, leg, "PBXGUARD_VERDICT") == "BLOCK"
+    commands = agi_commands(ami.events, leg)
+    assert [c.split(" ")[0] for c in commands] == ["GET", "EXEC"], commands
+
+
+async def test_an_asterisk_without_len_still_gets_its_check(
+    asterisk: AsteriskInstance, ami: AmiClient, agi_gate: FastAgiGate, ledger: Ledger
+) -> None:
+    asterisk.cli("module unload func_strings.so")
+    try:
+        _, leg = await originate_local(
+            ami,
+            "0612345678",
+            call_id=call_id("nolen"),
+            caller_id=NPV,
+            variables={"__PBXGUARD_CAMPAIGN": "c1"},
+        )
+        await ami.wait_for(lambda events: hangup_event(events, leg) is not None)
+    finally:
+        asterisk.cli("module load func_strings.so")
+    assert variable_value(ami.events, leg, "PBXGUARD_VERDICT") == "ALLOW"
+    assert reached_context(ami.events, leg, DIAL_CONTEXT)
+    # The combined read, then caller ID and token one at a time (the campaign came as ARG2).
+    assert len([c for c in agi_commands(ami.events, leg) if c.startswith("GET")]) == 3
+    assert await attempts(ledger) == 1
 
 
 async def test_agi_server_down_blocks(asterisk: AsteriskInstance, ami: AmiClient, guard: Guard) -> None:

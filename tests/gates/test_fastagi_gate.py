@@ -11,8 +11,6 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-import re
-import shlex
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -20,12 +18,18 @@ from datetime import UTC, date, datetime
 from zoneinfo import ZoneInfo
 
 import pytest
+from agi_channel import agi_arguments, expand, mset_pairs
+from hypothesis import assume, given
+from hypothesis import strategies as st
 
 from pbxguard.config import AgiGateConfig, Config, GatesConfig, Mode
 from pbxguard.gates.fastagi import (
+    CHANNEL_FACTS,
     AgiRequest,
     FastAgiGate,
+    mset_data,
     parse_request,
+    split_channel_facts,
     unavailable_decision,
     verdict_variables,
 )
@@ -33,7 +37,7 @@ from pbxguard.guard import Guard
 from pbxguard.ledger.store import Ledger
 from pbxguard.policy.model import CallAttempt, Campaign, Decision, Reason, Verdict
 from pbxguard.policy.settings import PolicySettings
-from pbxguard.protocols.agi import AgiProtocolError, Environment
+from pbxguard.protocols.agi import AgiProtocolError, Environment, quote_argument
 
 PARIS = ZoneInfo("Europe/Paris")
 NOW = datetime(2026, 12, 1, 10, 30, tzinfo=PARIS)  # a Tuesday, within legal hours
@@ -106,15 +110,18 @@ class Channel:
     commands: list[str] = dataclasses.field(default_factory=list)
     closed_by_server: bool = False
 
-    def expand(self, expression: str) -> str:
-        def one(match: re.Match[str]) -> str:
-            name = match.group(1)
-            return self.caller_id if name == "CALLERID(num)" else self.variables.get(name, "")
+    # Asterisk without func_strings, or without MSet: the gate must fall back to one command per value.
+    has_len: bool = True
+    has_mset: bool = True
 
-        return re.sub(r"\$\{([^}]+)\}", one, expression)
+    def lookup(self, name: str) -> str:
+        return self.caller_id if name == "CALLERID(num)" else self.variables.get(name, "")
+
+    def expand(self, expression: str) -> str:
+        return expand(expression, self.lookup, has_len=self.has_len)
 
     def reply(self, line: str) -> str:
-        words = shlex.split(line)
+        words = agi_arguments(line)
         self.commands.append(line)
         head = " ".join(w for w in words if w.isupper() and w.isalpha())
         if head.startswith("SET VARIABLE") and len(words) == 4:
@@ -125,6 +132,11 @@ class Channel:
         if head.startswith("GET VARIABLE") and len(words) == 3:
             value = self.variables.get(words[2])
             return "200 result=0" if value is None else f"200 result=1 ({value})"
+        if words[:1] == ["EXEC"] and len(words) == 3:
+            if words[1] != "MSet" or not self.has_mset:
+                return "200 result=-2"
+            self.variables.update(mset_pairs(words[2]))
+            return "200 result=0"
         return "510 Invalid or unknown command"
 
 
@@ -254,6 +266,51 @@ def test_verdict_variables_block_allow_shadow() -> None:
     assert shadow["PBXGUARD_REASONS"] == "OUTSIDE_HOURS,FREQUENCY_CAP"
 
 
+@given(caller_id=st.text(), token=st.text(), campaign=st.text())
+def test_channel_facts_are_cut_back_exactly_as_asterisk_expands_them(
+    caller_id: str, token: str, campaign: str
+) -> None:
+    facts = {"CALLERID(num)": caller_id, "PBXGUARD_TOKEN": token, "PBXGUARD_CAMPAIGN": campaign}
+    # Lone surrogates cannot come out of UTF-8: what Asterisk sends never holds one.
+    assume(all(not ("\ud800" <= c <= "\udfff") for value in facts.values() for c in value))
+    assert split_channel_facts(expand(CHANNEL_FACTS, facts.__getitem__)) == (caller_id, token, campaign)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "::0162123456",  # no LEN in this Asterisk: read one at a time
+        "",
+        "10:0",
+        "10:0:016212345",  # shorter than its lengths say
+        "x:0:0162123456",
+        "-1:0:0162123456",
+        "2:0:\ufffd",  # invalid UTF-8 became U+FFFD: its bytes no longer match
+    ],
+)
+def test_channel_facts_that_do_not_parse(value: str) -> None:
+    assert split_channel_facts(value) is None
+
+
+def test_verdict_variables_go_through_one_mset_unchanged() -> None:
+    for decision in (
+        _decision(),
+        _decision(verdict=Verdict.ALLOW, reasons=(), next_allowed_at=None),
+        _decision(reasons=tuple(Reason)),
+    ):
+        variables = verdict_variables(decision)
+        data = mset_data(variables)
+        assert data is not None
+        assert mset_pairs(data) == variables
+        # Through the AGI line too: quoted by the codec, unquoted by res_agi.
+        assert mset_pairs(agi_arguments(f"EXEC MSet {quote_argument(data)}")[2]) == variables
+
+
+@pytest.mark.parametrize("value", ['a"b', "a\\b", "${X}", "a=b", "a(b)", "a|b", "a;b", "é"])
+def test_a_value_mset_could_misread_is_set_on_its_own(value: str) -> None:
+    assert mset_data([("PBXGUARD_REASONS", value), ("PBXGUARD_VERDICT", "BLOCK")]) is None
+
+
 def test_unavailable_decision() -> None:
     attempt = CallAttempt(NUMBER, "c1", NPV, gate="agi", call_key="k")
     decision = unavailable_decision(attempt, NOW, shadow=False)
@@ -277,10 +334,39 @@ async def test_allowed_call_sets_variables(gate: FastAgiGate, ledger: Ledger) ->
     assert v["PBXGUARD_NEXT"] == ""
     uuid.UUID(v["PBXGUARD_DECISION"])
     assert channel.closed_by_server
-    # The verdict is the last thing set, after the caller ID and token were read.
-    assert channel.commands[0] == 'GET FULL VARIABLE "${CALLERID(num)}"'
-    assert channel.commands[1] == 'GET VARIABLE "PBXGUARD_TOKEN"'
-    assert channel.commands[-1].startswith('SET VARIABLE "PBXGUARD_VERDICT"')
+    # Two commands: the caller ID, token and campaign read together, then the four variables set
+    # together, the verdict last.
+    assert channel.commands == [f'GET FULL VARIABLE "{CHANNEL_FACTS}"', channel.commands[1]]
+    assert channel.commands[1].startswith('EXEC "MSet" "PBXGUARD_REASONS=,')
+    assert channel.commands[1].endswith(',PBXGUARD_VERDICT=ALLOW"')
+    assert await attempts(ledger) == 1
+
+
+@pytest.mark.parametrize(("has_len", "has_mset"), [(False, True), (True, False), (False, False)])
+async def test_an_asterisk_without_len_or_mset_gets_one_command_per_value(
+    gate: FastAgiGate, ledger: Ledger, has_len: bool, has_mset: bool
+) -> None:
+    channel = Channel(
+        variables={"PBXGUARD_CAMPAIGN": "ignored: ARG2 wins"}, has_len=has_len, has_mset=has_mset
+    )
+    await fake_call(gate.port, channel)
+    assert channel.variables["PBXGUARD_VERDICT"] == "ALLOW"
+    assert channel.variables["PBXGUARD_REASONS"] == ""
+    uuid.UUID(channel.variables["PBXGUARD_DECISION"])
+    reads = [c for c in channel.commands if c.startswith("GET")]
+    if has_len:
+        assert reads == [f'GET FULL VARIABLE "{CHANNEL_FACTS}"']
+    else:
+        # The campaign came as ARG2: not asked for again.
+        assert reads == [
+            f'GET FULL VARIABLE "{CHANNEL_FACTS}"',
+            'GET FULL VARIABLE "${CALLERID(num)}"',
+            'GET VARIABLE "PBXGUARD_TOKEN"',
+        ]
+    if not has_mset:
+        assert [c.split('"')[1] for c in channel.commands if c.startswith("SET")] == [
+            "PBXGUARD_REASONS", "PBXGUARD_NEXT", "PBXGUARD_DECISION", "PBXGUARD_VERDICT",
+        ]  # fmt: skip
     assert await attempts(ledger) == 1
 
 
@@ -323,9 +409,13 @@ async def test_empty_caller_id_is_missing(gate: FastAgiGate) -> None:
 
 
 async def test_campaign_from_query_then_channel_variable(gate: FastAgiGate, ledger: Ledger) -> None:
-    from_query = await fake_call(gate.port, env=environment("check?campaign=c1", (NUMBER,)))
+    # The query beats the variable (read along with the caller ID anyway).
+    from_query = await fake_call(
+        gate.port,
+        Channel(variables={"PBXGUARD_CAMPAIGN": "nope"}),
+        env=environment("check?campaign=c1", (NUMBER,)),
+    )
     assert from_query.variables["PBXGUARD_VERDICT"] == "ALLOW"
-    assert not any("PBXGUARD_CAMPAIGN" in c for c in from_query.commands)
     from_variable = await fake_call(
         gate.port, Channel(variables={"PBXGUARD_CAMPAIGN": "c1"}), env=environment(args=(NUMBER,))
     )
@@ -526,7 +616,9 @@ async def test_hangup_after_the_reply_is_not_taken_for_one(gate: FastAgiGate) ->
             return channel.reply(line) + "\nHANGUP"
         return None
 
-    channel = await fake_call(gate.port, on_command=late)
+    # An Asterisk without MSet, so that the variables are set one command at a time.
+    channel = await fake_call(gate.port, Channel(has_mset=False), on_command=late)
+    assert channel.variables["PBXGUARD_REASONS"] == ""
     assert "PBXGUARD_VERDICT" not in channel.variables  # the channel is gone: the dialplan blocks anyway
 
 

@@ -7,7 +7,6 @@ import datetime as dt
 import ipaddress
 import os
 import resource
-import shlex
 import signal
 import socket
 import ssl
@@ -16,6 +15,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from agi_channel import agi_arguments, expand, mset_pairs
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -151,17 +151,21 @@ async def agi_call(
 ) -> dict[str, str]:
     """One FastAGI exchange as Asterisk runs it; the channel variables pbxguard set."""
     variables: dict[str, str] = {}
+    channel = {"CALLERID(num)": caller_id}
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
         writer.write(agi_environment(number, campaign, uniqueid))
         async with asyncio.timeout(within):
             while line := await reader.readline():
-                words = shlex.split(line.decode())
+                words = agi_arguments(line.decode())
                 if words[:2] == ["SET", "VARIABLE"] and len(words) == 4:
                     variables[words[2]] = words[3]
                     answer = "200 result=1"
                 elif words[:3] == ["GET", "FULL", "VARIABLE"]:
-                    answer = f"200 result=1 ({caller_id})"
+                    answer = f"200 result=1 ({expand(words[3], lambda name: channel.get(name, ''))})"
+                elif words[:2] == ["EXEC", "MSet"] and len(words) == 3:
+                    variables.update(mset_pairs(words[2]))
+                    answer = "200 result=0"
                 else:
                     answer = "200 result=0"
                 writer.write(answer.encode() + b"\n")

@@ -1,0 +1,75 @@
+"""What Asterisk does with the commands pbxguard's FastAGI gate sends, for the fake channels of the tests.
+
+Written from res_agi.c and pbx_variables.c of Asterisk 22 and checked against a real one (the
+real-Asterisk tests run the same exchange): ``GET FULL VARIABLE`` expands ``${NAME}``,
+``${CALLERID(num)}`` and ``${LEN(...)}`` (a length in bytes), innermost first, without expanding what a
+value contains; ``EXEC MSet`` splits its argument at unescaped commas (a backslash escapes the next
+character and is dropped, double quotes are dropped), then each pair at its first ``=``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+
+# One argument of an AGI command line as res_agi's parse_args() reads it: quoted or bare.
+_ARGUMENT = re.compile(r'"((?:[^"\\]|\\.)*)"|(\S+)')
+
+
+def agi_arguments(line: str) -> list[str]:
+    """The words of an AGI command line, quotes removed and backslash escapes undone."""
+    return [
+        re.sub(r"\\(.)", r"\1", quoted) if quoted is not None else bare
+        for quoted, bare in (m.groups() for m in _ARGUMENT.finditer(line))
+    ]
+
+
+def expand(expression: str, lookup: Callable[[str], str], *, has_len: bool = True) -> str:
+    """``expression`` with every ``${...}`` replaced; ``lookup(name)`` gives a variable or
+    ``CALLERID(num)``, ``LEN(text)`` is computed here (``has_len=False``: an Asterisk without
+    func_strings, where it expands to nothing)."""
+    out: list[str] = []
+    i = 0
+    while i < len(expression):
+        if expression.startswith("${", i):
+            depth, j = 1, i + 2
+            while j < len(expression) and depth:
+                if expression.startswith("${", j):
+                    depth, j = depth + 1, j + 2
+                    continue
+                if expression[j] == "}":
+                    depth -= 1
+                j += 1
+            name = expand(expression[i + 2 : j - 1], lookup, has_len=has_len)
+            if name.startswith("LEN(") and name.endswith(")"):
+                out.append(str(len(name[4:-1].encode("utf-8"))) if has_len else "")
+            else:
+                out.append(lookup(name))
+            i = j
+        else:
+            out.append(expression[i])
+            i += 1
+    return "".join(out)
+
+
+def mset_pairs(data: str) -> list[tuple[str, str]]:
+    """The (name, value) pairs ``MSet(data)`` sets, in order."""
+    pairs: list[tuple[str, str]] = []
+    current: list[str] = []
+    escaped = quoted = False
+    for char in data + ",":
+        if escaped:
+            current.append(char)
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif char == '"':
+            quoted = not quoted
+        elif char == "," and not quoted:
+            name, sep, value = "".join(current).partition("=")
+            if sep:
+                pairs.append((name, value))
+            current = []
+        else:
+            current.append(char)
+    return pairs

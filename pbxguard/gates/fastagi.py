@@ -86,8 +86,9 @@ CHANNEL_FACTS: Final = (
     "${LEN(${CALLERID(num)})}:${LEN(${PBXGUARD_TOKEN})}:${CALLERID(num)}${PBXGUARD_TOKEN}${PBXGUARD_CAMPAIGN}"
 )
 # Characters a verdict variable may hold to be set through MSet: none of them means anything to
-# Asterisk's argument splitter or to AGIEXECFULL's substitution, except the comma, which is escaped.
-_MSET_SAFE: Final = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-+:., ")
+# Asterisk's argument splitter (which also trims blanks) or to AGIEXECFULL's substitution, except the
+# comma, which is escaped. Reason codes, ISO 8601 instants and decision ids need nothing else.
+_MSET_SAFE: Final = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-+:.,")
 
 
 # -- pure part --------------------------------------------------------------------------------------

@@ -306,7 +306,7 @@ def test_verdict_variables_go_through_one_mset_unchanged() -> None:
         assert mset_pairs(agi_arguments(f"EXEC MSet {quote_argument(data)}")[2]) == variables
 
 
-@pytest.mark.parametrize("value", ['a"b', "a\\b", "${X}", "a=b", "a(b)", "a|b", "a;b", "é"])
+@pytest.mark.parametrize("value", ['a"b', "a\\b", "${X}", "a=b", "a(b)", "a|b", "a;b", "é", " a", "a b"])
 def test_a_value_mset_could_misread_is_set_on_its_own(value: str) -> None:
     assert mset_data([("PBXGUARD_REASONS", value), ("PBXGUARD_VERDICT", "BLOCK")]) is None
 

@@ -32,10 +32,10 @@ async def fill(conn: asyncpg.Connection, rows: int) -> None:
     await conn.execute(
         """
         INSERT INTO pbxguard.decisions (consumer, id, call_key, decided_at, gate, campaign, order_giver,
-                                        caller_id, verdict, reasons, counted, seq)
+                                        caller_id, verdict, reasons, counted)
         SELECT '+3365' || lpad((g / $2)::text, 7, '0'), gen_random_uuid(), 'fill-' || g,
                $3::timestamptz - (g % 90) * interval '1 day', 'ami', 'bench', 'BENCH', '+33162123456',
-               'allow', '{}', true, NULL
+               'allow', '{}', true
           FROM generate_series(0, $1 - 1) AS g
         """,
         rows,

@@ -146,6 +146,7 @@ def test_no_sql_is_formatted_with_percent_or_format() -> None:
 
 def test_the_constant_column_list_is_identifiers_only() -> None:
     assert re.fullmatch(r"[a-z_]+(, [a-z_]+)*", journal._COLUMNS)
+    assert re.fullmatch(r"d\.[a-z_]+(, d\.[a-z_]+)*", journal._D_COLUMNS)
 
 
 PAYLOADS = [

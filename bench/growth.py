@@ -24,39 +24,44 @@ from pbxguard.ledger.store import Ledger
 from pbxguard.policy.model import CallAttempt
 
 PER_CONSUMER = 3
+FILL_CHUNK = 100_000
 
 
 async def fill(conn: asyncpg.Connection, rows: int) -> None:
     """`rows` attempts and as many journal rows, PER_CONSUMER per consumer, in bulk."""
     consumers = rows // PER_CONSUMER
-    await conn.execute(
-        """
-        INSERT INTO pbxguard.decisions (consumer, id, call_key, decided_at, gate, campaign, order_giver,
-                                        caller_id, verdict, reasons, counted)
-        SELECT '+3365' || lpad((g / $2)::text, 7, '0'), gen_random_uuid(), 'fill-' || g,
-               $3::timestamptz - (g % 90) * interval '1 day', 'ami', 'bench', 'BENCH', '+33162123456',
-               'allow', '{}', true
-          FROM generate_series(0, $1 - 1) AS g
-        """,
-        rows,
-        PER_CONSUMER,
-        LEGAL_NOW,
-    )
-    await conn.execute(
-        """
-        INSERT INTO pbxguard.attempts (consumer, order_giver, campaign, decision_id, attempted_at)
-        SELECT consumer, order_giver, campaign, id, decided_at FROM pbxguard.decisions
-         WHERE call_key LIKE 'fill-%'
-        """
-    )
-    await conn.execute(
-        """
-        INSERT INTO pbxguard.consents (consumer, order_giver, given_at)
-        SELECT '+3365' || lpad(g::text, 7, '0'), 'BENCH', '2026-01-01'
-          FROM generate_series(0, $1 - 1) AS g
-        """,
-        consumers,
-    )
+    # In chunks, as a ledger fills: one transaction of millions of rows would also outlast the
+    # pool's 30-second statement limit.
+    for start in range(0, rows, FILL_CHUNK):
+        await conn.execute(
+            """
+            WITH d AS (
+                INSERT INTO pbxguard.decisions (consumer, id, call_key, decided_at, gate, campaign,
+                                                order_giver, caller_id, verdict, reasons, counted)
+                SELECT '+3365' || lpad((g / $2)::text, 7, '0'), gen_random_uuid(), 'fill-' || g,
+                       $3::timestamptz - (g % 90) * interval '1 day', 'ami', 'bench', 'BENCH',
+                       '+33162123456', 'allow', '{}', true
+                  FROM generate_series($4::bigint, $1 - 1) AS g
+                RETURNING consumer, order_giver, campaign, id, decided_at
+            )
+            INSERT INTO pbxguard.attempts (consumer, order_giver, campaign, decision_id, attempted_at)
+            SELECT consumer, order_giver, campaign, id, decided_at FROM d
+            """,
+            min(rows, start + FILL_CHUNK),
+            PER_CONSUMER,
+            LEGAL_NOW,
+            start,
+        )
+    for start in range(0, consumers, FILL_CHUNK):
+        await conn.execute(
+            """
+            INSERT INTO pbxguard.consents (consumer, order_giver, given_at)
+            SELECT '+3365' || lpad(g::text, 7, '0'), 'BENCH', '2026-01-01'
+              FROM generate_series($2::bigint, $1 - 1) AS g
+            """,
+            min(consumers, start + FILL_CHUNK),
+            start,
+        )
     await conn.execute("ANALYZE")
 
 

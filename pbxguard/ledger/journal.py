@@ -1,11 +1,9 @@
 """The decision journal: sealing into a hash chain, verification, export for an inspection.
 
-Each sealed decision has one entry in `pbxguard.journal_chain`: its place (`seq`), the previous
-entry's hash and its own `entry_hash`, SHA-256 (or HMAC-SHA-256 with `[journal] key`) over the
-previous entry's hash and a canonical JSON rendering of the decision's own fields.  Entries are only
-ever inserted, after the decision committed (migration 0005 says why).  Verification recomputes the
-chain here, in Python, from the rows alone: an edited, deleted, inserted or reordered row breaks it
-at that row.  `next_allowed_at` and the call outcome are annotations written after
+Each sealed decision's `entry_hash` is SHA-256 (or HMAC-SHA-256 with `[journal] key`) over the
+previous entry's hash and a canonical JSON rendering of the decision's own fields.  Verification
+recomputes the chain here, in Python, from the rows alone: an edited, deleted, inserted or reordered
+row breaks it at that row.  `next_allowed_at` and the call outcome are annotations written after
 the decision and are not part of the chain.
 """
 
@@ -40,7 +38,6 @@ CHAINED_FIELDS = (
     "verdict", "reasons", "shadow", "counted", "via_token", "territories", "zones",
 )  # fmt: skip
 _COLUMNS = ", ".join(CHAINED_FIELDS)
-_D_COLUMNS = ", ".join(f"d.{name}" for name in CHAINED_FIELDS)
 
 
 def _value(value: Any) -> Any:
@@ -66,37 +63,23 @@ def entry_hash(previous: bytes, row: asyncpg.Record | dict[str, Any], key: bytes
     return hashlib.sha256(payload).digest()
 
 
-# The chain's head: its last entry and the mark (every decision at or below it, in (xid, id) order,
-# is sealed). Before any checkpoint: genesis, and a mark below every decision.
-_HEAD = """
-    SELECT seq, entry_hash, coalesce(mark_xid, '0'::xid8) AS mark_xid,
-           coalesce(mark_id, '00000000-0000-0000-0000-000000000000'::uuid) AS mark_id
-      FROM pbxguard.journal_checkpoints ORDER BY seq DESC LIMIT 1
-"""
-
-
 async def seal(conn: asyncpg.Connection, key: bytes | None = None, batch: int = SEAL_BATCH) -> int:
     """Seals committed, unsealed decisions into the chain; returns how many it sealed."""
     async with conn.transaction():
         if not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", _SEAL_LOCK):
             return 0
-        head = await conn.fetchrow(_HEAD)
-        if head is None:
-            seq, previous, mark = 0, GENESIS, (0, uuid.UUID(int=0))
-        else:
-            seq, previous = head["seq"], bytes(head["entry_hash"])
-            mark = (head["mark_xid"], head["mark_id"])
-        # xid below the snapshot's xmin: every transaction that could still add a decision at or
-        # below these has ended.
+        head = await conn.fetchrow(
+            "SELECT seq, entry_hash FROM pbxguard.journal_checkpoints ORDER BY seq DESC LIMIT 1"
+        )
+        seq, previous = (head["seq"], bytes(head["entry_hash"])) if head else (0, GENESIS)
         rows = await conn.fetch(
             f"""
-            SELECT d.xid, {_D_COLUMNS} FROM pbxguard.decisions d
-             WHERE (d.xid, d.id) > ($1::xid8, $2::uuid) AND d.seq IS NULL
-               AND d.xid < pg_snapshot_xmin(pg_current_snapshot())
-             ORDER BY d.xid, d.id
-             LIMIT $3
+            SELECT {_COLUMNS} FROM pbxguard.decisions
+             WHERE seq IS NULL AND xid < pg_snapshot_xmin(pg_current_snapshot())
+             ORDER BY recorded_at, id
+             LIMIT $1
+               FOR UPDATE
             """,
-            *mark,
             batch,
         )
         if not rows:
@@ -115,43 +98,28 @@ async def seal(conn: asyncpg.Connection, key: bytes | None = None, batch: int = 
             previous = digest
         await conn.execute(
             """
-            INSERT INTO pbxguard.journal_chain (seq, consumer, id, prev_hash, entry_hash)
-            SELECT * FROM unnest($1::bigint[], $2::text[], $3::uuid[], $4::bytea[], $5::bytea[])
+            UPDATE pbxguard.decisions d SET seq = u.seq, prev_hash = u.prev, entry_hash = u.hash
+              FROM unnest($1::text[], $2::uuid[], $3::bigint[], $4::bytea[], $5::bytea[])
+                   AS u(consumer, id, seq, prev, hash)
+             WHERE d.consumer = u.consumer AND d.id = u.id
             """,
-            seqs,
             consumers,
             ids,
+            seqs,
             prevs,
             hashes,
         )
-        last = rows[-1]
         await conn.execute(
-            """
-            INSERT INTO pbxguard.journal_checkpoints (seq, entry_hash, rows, mark_xid, mark_id)
-            VALUES ($1, $2, $3, $4::xid8, $5)
-            """,
+            "INSERT INTO pbxguard.journal_checkpoints (seq, entry_hash, rows) VALUES ($1, $2, $3)",
             seq,
             previous,
             len(rows),
-            last["xid"],
-            last["id"],
         )
     return len(rows)
 
 
-_UNSEALED = """
-    SELECT count(*) FROM pbxguard.decisions d
-      LEFT JOIN (SELECT mark_xid, mark_id FROM pbxguard.journal_checkpoints ORDER BY seq DESC LIMIT 1) h
-        ON true
-     WHERE (d.xid, d.id) > (coalesce(h.mark_xid, '0'::xid8),
-                            coalesce(h.mark_id, '00000000-0000-0000-0000-000000000000'::uuid))
-       AND d.seq IS NULL
-"""
-
-
-async def unsealed(conn: asyncpg.Connection, query_timeout: float | None = None) -> int:
-    """Decisions not in the chain yet (those this snapshot sees: committed, or this transaction's)."""
-    return int(await conn.fetchval(_UNSEALED, timeout=query_timeout))
+async def unsealed(conn: asyncpg.Connection) -> int:
+    return int(await conn.fetchval("SELECT count(*) FROM pbxguard.decisions WHERE seq IS NULL"))
 
 
 @dataclass
@@ -181,11 +149,7 @@ async def verify(
     if since is not None:
         low = int(
             await conn.fetchval(
-                """
-                SELECT coalesce(min(c.seq), 0) - 1 FROM pbxguard.journal_chain c
-                  JOIN pbxguard.decisions d ON d.consumer = c.consumer AND d.id = c.id
-                 WHERE d.recorded_at >= $1
-                """,
+                "SELECT coalesce(min(seq), 0) - 1 FROM pbxguard.decisions WHERE seq IS NOT NULL AND recorded_at >= $1",
                 since,
             )
         )
@@ -193,7 +157,7 @@ async def verify(
     if low == 0:
         previous = GENESIS
     else:
-        anchor = await conn.fetchval("SELECT entry_hash FROM pbxguard.journal_chain WHERE seq = $1", low)
+        anchor = await conn.fetchval("SELECT entry_hash FROM pbxguard.decisions WHERE seq = $1", low)
         if anchor is None:
             result.problems.append(f"seq {low}: missing (the entry before the range was deleted)")
             return result
@@ -210,10 +174,8 @@ async def verify(
     while True:
         rows = await conn.fetch(
             f"""
-            SELECT c.seq, c.prev_hash, c.entry_hash, c.id AS sealed_id, d.recorded_at, {_D_COLUMNS}
-              FROM pbxguard.journal_chain c
-              LEFT JOIN pbxguard.decisions d ON d.consumer = c.consumer AND d.id = c.id
-             WHERE c.seq > $1 ORDER BY c.seq LIMIT $2
+            SELECT seq, prev_hash, entry_hash, recorded_at, {_COLUMNS} FROM pbxguard.decisions
+             WHERE seq IS NOT NULL AND seq > $1 ORDER BY seq, id LIMIT $2
             """,
             cursor,
             page,
@@ -221,15 +183,10 @@ async def verify(
         if not rows:
             break
         for row in rows:
-            seq = row["seq"]
-            if row["recorded_at"] is None:
-                result.problems.append(
-                    f"seq {seq}: decision {row['sealed_id']} missing (deleted, or its number changed)"
-                )
-                return result
             if until is not None and row["recorded_at"] > until:
                 rows = []
                 break
+            seq = row["seq"]
             if seq < expected:
                 result.problems.append(f"seq {seq}: duplicate entry (a row was inserted or copied)")
                 return result
@@ -286,10 +243,9 @@ async def export_rows(
     async with conn.transaction(readonly=True, isolation="repeatable_read"):
         cursor = conn.cursor(
             """
-            SELECT d.*, c.seq AS chain_seq, c.entry_hash AS chain_hash FROM pbxguard.decisions d
-              LEFT JOIN pbxguard.journal_chain c ON c.consumer = d.consumer AND c.id = d.id
-             WHERE d.decided_at >= $1 AND d.decided_at < $2 AND ($3::text IS NULL OR d.order_giver = $3)
-             ORDER BY d.decided_at, d.id
+            SELECT * FROM pbxguard.decisions
+             WHERE decided_at >= $1 AND decided_at < $2 AND ($3::text IS NULL OR order_giver = $3)
+             ORDER BY decided_at, id
             """,
             since,
             until,
@@ -317,8 +273,8 @@ async def export_rows(
                 if row["next_allowed_at"]
                 else None,
                 "decision_id": str(row["id"]),
-                "seq": row["chain_seq"],
-                "entry_hash": bytes(row["chain_hash"]).hex() if row["chain_hash"] else None,
+                "seq": row["seq"],
+                "entry_hash": bytes(row["entry_hash"]).hex() if row["entry_hash"] else None,
             }
 
 

@@ -23,7 +23,6 @@ from typing import Any, Final
 
 import asyncpg
 
-from pbxguard.ledger import journal
 from pbxguard.ledger.migrate import migrate
 from pbxguard.ledger.pgcluster import LocalCluster
 from pbxguard.policy.model import Campaign, Purpose, Sector
@@ -733,11 +732,21 @@ class Ledger:
         return [str(row["name"]) for row in rows]
 
     async def journal_unsealed(self) -> int | None:
-        """Journal rows not yet sealed into the hash chain; None before the chain's table exists."""
+        """Journal rows not yet sealed into the hash chain (`seq IS NULL`); None before that column exists."""
         async with self._conn() as conn:
-            if not await conn.fetchval("SELECT to_regclass('pbxguard.journal_chain') IS NOT NULL"):
+            has_seq = await conn.fetchval(
+                """
+                SELECT true FROM information_schema.columns
+                 WHERE table_schema = 'pbxguard' AND table_name = 'decisions' AND column_name = $1
+                """,
+                "seq",
+            )
+            if not has_seq:
                 return None
-            return await journal.unsealed(conn, query_timeout=5)
+            value = await conn.fetchval(
+                "SELECT count(*) FROM pbxguard.decisions WHERE seq IS NULL", timeout=5
+            )
+        return int(value)
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,8 +15,6 @@ import pytest
 
 from pbxguard.guard import Guard
 from pbxguard.ledger import journal
-from pbxguard.ledger.migrate import bundled, migrate
-from pbxguard.ledger.pgcluster import LocalCluster
 from pbxguard.ledger.store import Ledger
 from pbxguard.policy.model import CallAttempt, Campaign
 
@@ -89,30 +87,17 @@ async def test_seal_waits_for_transactions_in_flight(ledger: Ledger) -> None:
         await ledger.pool.release(conn)
 
 
-# The decision sealed at a place of the chain.
-def at(seq: int) -> str:
-    return f"(consumer, id) IN (SELECT consumer, id FROM pbxguard.journal_chain WHERE seq = {seq})"
-
-
 TAMPERING = {
-    "edit a verdict": "UPDATE pbxguard.decisions SET verdict = CASE verdict WHEN 'allow' THEN 'block' ELSE 'allow' END"
-    f" WHERE {at(5)}",
-    "edit a reason": f"UPDATE pbxguard.decisions SET reasons = array_append(reasons, 'NO_CONSENT') WHERE {at(5)}",
-    "edit the number": f"UPDATE pbxguard.decisions SET consumer = '+33600000000' WHERE {at(5)}",
-    "edit the time": f"UPDATE pbxguard.decisions SET decided_at = decided_at - interval '1 day' WHERE {at(5)}",
-    "delete a decision": f"DELETE FROM pbxguard.decisions WHERE {at(5)}",
-    "delete an entry": "DELETE FROM pbxguard.journal_chain WHERE seq = 5",
-    "delete the last rows": "DELETE FROM pbxguard.decisions WHERE (consumer, id) IN"
-    " (SELECT consumer, id FROM pbxguard.journal_chain WHERE seq > 10);"
-    " DELETE FROM pbxguard.journal_chain WHERE seq > 10",
-    # The primary key refuses a swap in one statement: three steps.
-    "reorder two entries": "UPDATE pbxguard.journal_chain SET seq = -5 WHERE seq = 5;"
-    " UPDATE pbxguard.journal_chain SET seq = 5 WHERE seq = 6;"
-    " UPDATE pbxguard.journal_chain SET seq = 6 WHERE seq = -5",
-    "swap in another decision": "INSERT INTO pbxguard.decisions (consumer, id, decided_at, gate, campaign,"
-    " caller_id, verdict, reasons) SELECT consumer, '00000000-0000-0000-0000-000000000005', decided_at, gate,"
-    f" campaign, caller_id, 'allow', '{{}}' FROM pbxguard.decisions WHERE {at(5)};"
-    " UPDATE pbxguard.journal_chain SET id = '00000000-0000-0000-0000-000000000005' WHERE seq = 5",
+    "edit a verdict": "UPDATE pbxguard.decisions SET verdict = CASE verdict WHEN 'allow' THEN 'block' ELSE 'allow' END WHERE seq = 5",
+    "edit a reason": "UPDATE pbxguard.decisions SET reasons = array_append(reasons, 'NO_CONSENT') WHERE seq = 5",
+    "edit the number": "UPDATE pbxguard.decisions SET consumer = '+33600000000' WHERE seq = 5",
+    "edit the time": "UPDATE pbxguard.decisions SET decided_at = decided_at - interval '1 day' WHERE seq = 5",
+    "delete a row": "DELETE FROM pbxguard.decisions WHERE seq = 5",
+    "delete the last rows": "DELETE FROM pbxguard.decisions WHERE seq > 10",
+    "reorder two rows": "UPDATE pbxguard.decisions SET seq = CASE seq WHEN 5 THEN 6 ELSE 5 END WHERE seq IN (5, 6)",
+    "insert a row": "INSERT INTO pbxguard.decisions (consumer, id, decided_at, gate, campaign, caller_id, verdict,"
+    " reasons, seq, prev_hash, entry_hash) SELECT consumer, gen_random_uuid(), decided_at, gate, campaign,"
+    " caller_id, 'allow', '{}', 5, prev_hash, entry_hash FROM pbxguard.decisions WHERE seq = 5",
 }
 
 
@@ -140,13 +125,13 @@ async def test_recomputing_the_hash_without_the_key_is_caught(ledger: Ledger) ->
     try:
         assert (await journal.verify(conn, key)).ok
         assert not (await journal.verify(conn)).ok  # a plain SHA-256 chain is not this chain
-        row = await conn.fetchrow(f"SELECT * FROM pbxguard.decisions WHERE {at(3)}")
-        previous = await conn.fetchval("SELECT prev_hash FROM pbxguard.journal_chain WHERE seq = 3")
+        row = await conn.fetchrow("SELECT * FROM pbxguard.decisions WHERE seq = 3")
         forged = dict(row)
         forged["verdict"] = "allow"
-        digest = journal.entry_hash(bytes(previous), forged, None)
-        await conn.execute(f"UPDATE pbxguard.decisions SET verdict = 'allow' WHERE {at(3)}")
-        await conn.execute("UPDATE pbxguard.journal_chain SET entry_hash = $1 WHERE seq = 3", digest)
+        digest = journal.entry_hash(bytes(row["prev_hash"]), forged, None)
+        await conn.execute(
+            "UPDATE pbxguard.decisions SET verdict = 'allow', entry_hash = $1 WHERE seq = 3", digest
+        )
         result = await journal.verify(conn, key)
         assert not result.ok and result.problems[0].startswith("seq 3")
     finally:
@@ -167,7 +152,7 @@ async def test_verify_a_time_range(ledger: Ledger) -> None:
     await fill(ledger, 10)
     conn = await sealed(ledger)
     try:
-        middle = await conn.fetchval(f"SELECT recorded_at FROM pbxguard.decisions WHERE {at(4)}")
+        middle = await conn.fetchval("SELECT recorded_at FROM pbxguard.decisions WHERE seq = 4")
         result = await journal.verify(conn, since=middle)
         assert result.ok and result.first_seq == 4 and result.last_seq == 10
     finally:
@@ -215,7 +200,7 @@ async def test_export_round_trip(ledger: Ledger, fmt: str) -> None:
         assert blocked and all(r["reasons"] and r["rules"] for r in blocked)
         # The exported hashes are the chain's: an inspector can check them against `audit verify`.
         stored = await conn.fetchval(
-            "SELECT entry_hash FROM pbxguard.journal_chain WHERE id = $1", uuid.UUID(ids[0])
+            "SELECT entry_hash FROM pbxguard.decisions WHERE id = $1", uuid.UUID(ids[0])
         )
         assert first["entry_hash"] == bytes(stored).hex()
         assert [r async for r in journal.export_rows(conn, NOW, NOW, order_giver="ACME")] == []
@@ -224,56 +209,3 @@ async def test_export_round_trip(ledger: Ledger, fmt: str) -> None:
         ] == []
     finally:
         await ledger.pool.release(conn)
-
-
-async def test_a_chain_sealed_before_migration_0005_carries_on(pg_cluster: LocalCluster) -> None:
-    """Migration 0005 moves the entries 0003 kept in the decisions into the chain table; decisions
-    0003 had left unsealed, even below entries it had sealed, are sealed next, once each."""
-    name = f"legacy_{uuid.uuid4().hex[:8]}"
-    admin = await asyncpg.connect(pg_cluster.dsn("postgres"))
-    await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE template0')
-    try:
-        conn = await asyncpg.connect(pg_cluster.dsn(name))
-        try:
-            before_0005 = [m for m in bundled() if m.version < 5]
-            await migrate(conn, before_0005)
-            ledger = await Ledger.connect(pg_cluster.dsn(name), min_size=1, max_size=2, run_migrations=False)
-            try:
-                await fill(ledger, 8)
-            finally:
-                await ledger.close()
-            rows = await conn.fetch("SELECT * FROM pbxguard.decisions ORDER BY recorded_at, id")
-            # What 0003's sealer wrote, for rows 0-3 and 6-7; rows 4 and 5 were still unsealed.
-            previous, seq = journal.GENESIS, 0
-            for row in [*rows[:4], *rows[6:]]:
-                seq += 1
-                digest = journal.entry_hash(previous, row, None)
-                await conn.execute(
-                    "UPDATE pbxguard.decisions SET seq = $1, prev_hash = $2, entry_hash = $3 WHERE id = $4",
-                    seq,
-                    previous,
-                    digest,
-                    row["id"],
-                )
-                previous = digest
-            await conn.execute(
-                "INSERT INTO pbxguard.journal_checkpoints (seq, entry_hash, rows) VALUES ($1, $2, $3)",
-                seq,
-                previous,
-                seq,
-            )
-            applied = await migrate(conn)
-            assert applied[0] == "0005_journal_chain_table.sql"
-            assert await journal.unsealed(conn) == 2
-            assert await journal.seal(conn) == 2
-            assert await journal.seal(conn) == 0
-            result = await journal.verify(conn)
-            assert result.ok, result.problems
-            assert (result.checked, result.unsealed) == (8, 0)
-            sealed_last = await conn.fetch("SELECT id FROM pbxguard.journal_chain WHERE seq > 6 ORDER BY seq")
-            assert [r["id"] for r in sealed_last] == [rows[4]["id"], rows[5]["id"]]
-        finally:
-            await conn.close()
-    finally:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()

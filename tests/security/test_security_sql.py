@@ -45,8 +45,8 @@ BUILT_FROM_CONSTANTS = {
         "placeholders; values appended to the argument list) and `LIMIT $n`",
     ("ledger/store.py", "Ledger.decision_counts"): "DecisionFilter.clauses, as above",
     ("ledger/store.py", "Ledger.reason_counts"): "DecisionFilter.clauses, as above",
-    ("ledger/journal.py", "seal"): "f-string of the module constant _D_COLUMNS (the chained column names)",
-    ("ledger/journal.py", "verify"): "f-string of the module constant _D_COLUMNS",
+    ("ledger/journal.py", "seal"): "f-string of the module constant _COLUMNS (the chained column names)",
+    ("ledger/journal.py", "verify"): "f-string of the module constant _COLUMNS",
     ("ledger/migrate.py", "migrate"):
         "`migration.sql`: the SQL files shipped in pbxguard/ledger/migrations, checksummed, no input",
 }  # fmt: skip
@@ -146,7 +146,6 @@ def test_no_sql_is_formatted_with_percent_or_format() -> None:
 
 def test_the_constant_column_list_is_identifiers_only() -> None:
     assert re.fullmatch(r"[a-z_]+(, [a-z_]+)*", journal._COLUMNS)
-    assert re.fullmatch(r"d\.[a-z_]+(, d\.[a-z_]+)*", journal._D_COLUMNS)
 
 
 PAYLOADS = [

@@ -80,8 +80,9 @@ _OVERFLOW_LOG_INTERVAL: Final = 5.0
 # A connection without its environment after this long (at most half the timeout) may be displaced.
 DISPLACE_AFTER: Final = 1.0
 # What `check` reads from the channel, in one GET FULL VARIABLE instead of three: each round trip is a
-# wake-up of Asterisk's AGI thread and of this process. LEN counts bytes, so the values, which may hold
-# any character, are cut by length and never by a separator.
+# wake-up of Asterisk's AGI thread and of this process. LEN counts bytes, so the values are cut by
+# length and never by a separator. Asterisk parses LEN's argument after expanding it, so a parenthesis
+# in a value can end it early (`${LEN(06):0)}` is the substring syntax): see split_channel_facts.
 CHANNEL_FACTS: Final = (
     "${LEN(${CALLERID(num)})}:${LEN(${PBXGUARD_TOKEN})}:${CALLERID(num)}${PBXGUARD_TOKEN}${PBXGUARD_CAMPAIGN}"
 )
@@ -157,10 +158,13 @@ def verdict_variables(decision: Decision) -> list[tuple[str, str]]:
 def split_channel_facts(value: str) -> tuple[str, str, str] | None:
     """(caller ID, token, campaign) from what Asterisk made of :data:`CHANNEL_FACTS`.
 
-    None when it does not parse: an Asterisk without ``LEN`` (func_strings not loaded) expands it to
-    nothing, and a value that was not valid UTF-8 no longer has the byte length Asterisk counted. The
-    gate then reads the three values one at a time.
+    None, and the gate then reads the three values one at a time, when the lengths cannot be trusted:
+    an Asterisk without ``LEN`` (func_strings not loaded) expands it to nothing; a parenthesis in a
+    value may have ended ``LEN(...)`` early and turned the rest into an offset; a byte that was not
+    valid UTF-8 reached us as U+FFFD, three bytes for Asterisk's one.
     """
+    if "(" in value or ")" in value or "\ufffd" in value:
+        return None
     caller_len, sep1, rest = value.partition(":")
     token_len, sep2, rest = rest.partition(":")
     if not (sep1 and sep2 and caller_len.isdigit() and token_len.isdigit()):

@@ -213,6 +213,21 @@ async def test_an_asterisk_without_len_still_gets_its_check(
     assert await attempts(ledger) == 1
 
 
+async def test_a_parenthesis_in_a_value_is_read_on_its_own(ami: AmiClient, agi_gate: FastAgiGate) -> None:
+    # Asterisk parses ${LEN(x):0)} as LEN(x) with an offset: the lengths then describe another cut,
+    # so the gate must not trust them and read each value alone.
+    _, leg = await originate_local(
+        ami,
+        "0612345678",
+        call_id=call_id("paren"),
+        caller_id=NPV,
+        variables={"__PBXGUARD_CAMPAIGN": "c1", "__PBXGUARD_TOKEN": "x):0"},
+    )
+    await ami.wait_for(lambda events: hangup_event(events, leg) is not None)
+    assert variable_value(ami.events, leg, "PBXGUARD_VERDICT") in ("ALLOW", "BLOCK")
+    assert len([c for c in agi_commands(ami.events, leg) if c.startswith("GET")]) == 3
+
+
 async def test_agi_server_down_blocks(asterisk: AsteriskInstance, ami: AmiClient, guard: Guard) -> None:
     # Nothing listens on agi_port (no gate started) nor on the port we point the dialplan at.
     asterisk.set_global("PBXGUARD_AGI", f"agi://127.0.0.1:{free_port()}")

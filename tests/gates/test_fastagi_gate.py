@@ -273,7 +273,12 @@ def test_channel_facts_are_cut_back_exactly_as_asterisk_expands_them(
     facts = {"CALLERID(num)": caller_id, "PBXGUARD_TOKEN": token, "PBXGUARD_CAMPAIGN": campaign}
     # Lone surrogates cannot come out of UTF-8: what Asterisk sends never holds one.
     assume(all(not ("\ud800" <= c <= "\udfff") for value in facts.values() for c in value))
-    assert split_channel_facts(expand(CHANNEL_FACTS, facts.__getitem__)) == (caller_id, token, campaign)
+    split = split_channel_facts(expand(CHANNEL_FACTS, facts.__getitem__))
+    if any(c in "()\ufffd" for value in facts.values() for c in value):
+        # Asterisk may have cut LEN short there (see the next test): read one at a time instead.
+        assert split is None
+    else:
+        assert split == (caller_id, token, campaign)
 
 
 @pytest.mark.parametrize(
@@ -286,6 +291,11 @@ def test_channel_facts_are_cut_back_exactly_as_asterisk_expands_them(
         "x:0:0162123456",
         "-1:0:0162123456",
         "2:0:\ufffd",  # invalid UTF-8 became U+FFFD: its bytes no longer match
+        "6:3:\ufffd12345tokc1",  # ... even where the lengths happen to fit
+        # Caller number "0612345678):0": Asterisk reads ${LEN(0612345678):0)} as LEN(0612345678)
+        # with offset 0, so the lengths describe another cut than the values.
+        "10:0:0612345678):0c1",
+        "1:0:(c1",
     ],
 )
 def test_channel_facts_that_do_not_parse(value: str) -> None:

@@ -9,9 +9,12 @@ character and is dropped, double quotes are dropped), then each pair at its firs
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable
 
+# The caller ID a fake channel presents unless told otherwise: an NPV number the tests authorise.
+NPV = "0162123456"
 # One argument of an AGI command line as res_agi's parse_args() reads it: quoted or bare.
 _ARGUMENT = re.compile(r'"((?:[^"\\]|\\.)*)"|(\S+)')
 
@@ -73,3 +76,42 @@ def mset_pairs(data: str) -> list[tuple[str, str]]:
         else:
             current.append(char)
     return pairs
+
+
+@dataclasses.dataclass
+class Channel:
+    """The channel as Asterisk holds it: its variables and caller ID; what the gate asked and set."""
+
+    variables: dict[str, str] = dataclasses.field(default_factory=dict)
+    caller_id: str = NPV
+    commands: list[str] = dataclasses.field(default_factory=list)
+    closed_by_server: bool = False
+
+    # Asterisk without func_strings, or without MSet: the gate must fall back to one command per value.
+    has_len: bool = True
+    has_mset: bool = True
+
+    def lookup(self, name: str) -> str:
+        return self.caller_id if name == "CALLERID(num)" else self.variables.get(name, "")
+
+    def expand(self, expression: str) -> str:
+        return expand(expression, self.lookup, has_len=self.has_len)
+
+    def reply(self, line: str) -> str:
+        words = agi_arguments(line)
+        self.commands.append(line)
+        head = " ".join(w for w in words if w.isupper() and w.isalpha())
+        if head.startswith("SET VARIABLE") and len(words) == 4:
+            self.variables[words[2]] = words[3]
+            return "200 result=1"
+        if head.startswith("GET FULL VARIABLE") and len(words) == 4:
+            return f"200 result=1 ({self.expand(words[3])})"
+        if head.startswith("GET VARIABLE") and len(words) == 3:
+            value = self.variables.get(words[2])
+            return "200 result=0" if value is None else f"200 result=1 ({value})"
+        if words[:1] == ["EXEC"] and len(words) == 3:
+            if words[1] != "MSet" or not self.has_mset:
+                return "200 result=-2"
+            self.variables.update(mset_pairs(words[2]))
+            return "200 result=0"
+        return "510 Invalid or unknown command"

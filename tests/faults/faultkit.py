@@ -12,7 +12,6 @@ import contextlib
 import itertools
 import json
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -28,7 +27,7 @@ from typing import Any
 
 import aiohttp
 import asyncpg
-from agi_channel import agi_arguments, expand, mset_pairs
+from agi_channel import Channel
 from aiohttp import web
 
 from pbxguard.ledger import journal
@@ -212,13 +211,7 @@ class DaemonProcess:
 
 # -- a FastAGI client that behaves like Asterisk ------------------------------------------------------
 
-_SET = re.compile(r'^SET VARIABLE "((?:[^"\\]|\\.)*)" "((?:[^"\\]|\\.)*)"')
-_GET = re.compile(r'^GET VARIABLE "((?:[^"\\]|\\.)*)"')
 _serials = itertools.count(1)
-
-
-def _unquote(text: str) -> str:
-    return re.sub(r"\\(.)", r"\1", text)
 
 
 @dataclass
@@ -278,30 +271,12 @@ async def agi_check(
         async with asyncio.timeout(limit):
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
             writer.write(agi_environment(number, answer.uniqueid, caller_id=caller_id))
-            channel = {"CALLERID(num)": caller_id, "PBXGUARD_TOKEN": token or ""}
+            channel = Channel(variables={"PBXGUARD_TOKEN": token} if token else {}, caller_id=caller_id)
+            answer.variables = channel.variables
             while line := (await reader.readline()).decode("utf-8", "replace").rstrip("\n"):
-                if line.startswith("GET FULL VARIABLE"):
-                    value = expand(agi_arguments(line)[3], lambda name: channel.get(name, ""))
-                    writer.write(f"200 result=1 ({value})\n".encode())
-                elif line.startswith('EXEC "MSet"'):
-                    answer.variables.update(mset_pairs(agi_arguments(line)[2]))
-                    if "PBXGUARD_VERDICT" in answer.variables:
-                        answer.elapsed = time.monotonic() - answer.started
-                    writer.write(b"200 result=0\n")
-                elif match := _GET.match(line):
-                    name = _unquote(match.group(1))
-                    if name == "PBXGUARD_TOKEN" and token:
-                        writer.write(f"200 result=1 ({token})\n".encode())
-                    else:
-                        writer.write(b"200 result=0\n")
-                elif match := _SET.match(line):
-                    name, value = _unquote(match.group(1)), _unquote(match.group(2))
-                    answer.variables[name] = value
-                    if name == "PBXGUARD_VERDICT":
-                        answer.elapsed = time.monotonic() - answer.started
-                    writer.write(b"200 result=1\n")
-                else:
-                    writer.write(b"510 Invalid or unknown command\n")
+                writer.write((channel.reply(line) + "\n").encode())
+                if answer.elapsed is None and "PBXGUARD_VERDICT" in channel.variables:
+                    answer.elapsed = time.monotonic() - answer.started
                 await writer.drain()
     except (OSError, TimeoutError, asyncio.IncompleteReadError) as exc:
         answer.error = f"{type(exc).__name__}: {exc}"

@@ -15,7 +15,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from agi_channel import agi_arguments, expand, mset_pairs
+from agi_channel import Channel
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -150,28 +150,16 @@ async def agi_call(
     port: int, number: str, campaign: str, uniqueid: str, caller_id: str = "0162123456", within: float = 5.0
 ) -> dict[str, str]:
     """One FastAGI exchange as Asterisk runs it; the channel variables pbxguard set."""
-    variables: dict[str, str] = {}
-    channel = {"CALLERID(num)": caller_id}
+    channel = Channel(caller_id=caller_id)
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
         writer.write(agi_environment(number, campaign, uniqueid))
         async with asyncio.timeout(within):
             while line := await reader.readline():
-                words = agi_arguments(line.decode())
-                if words[:2] == ["SET", "VARIABLE"] and len(words) == 4:
-                    variables[words[2]] = words[3]
-                    answer = "200 result=1"
-                elif words[:3] == ["GET", "FULL", "VARIABLE"]:
-                    answer = f"200 result=1 ({expand(words[3], lambda name: channel.get(name, ''))})"
-                elif words[:2] == ["EXEC", "MSet"] and len(words) == 3:
-                    variables.update(mset_pairs(words[2]))
-                    answer = "200 result=0"
-                else:
-                    answer = "200 result=0"
-                writer.write(answer.encode() + b"\n")
+                writer.write((channel.reply(line.decode()) + "\n").encode())
     finally:
         writer.close()
-    return variables
+    return channel.variables
 
 
 PBXGUARD = Path(sys.executable).parent / "pbxguard"

@@ -94,6 +94,24 @@ async def agi_gate(asterisk: AsteriskInstance, guard: Guard) -> AsyncIterator[Fa
         await gate.stop()
 
 
+async def finished_call(
+    ami: AmiClient,
+    number: str,
+    context: str = "pbxguard-outbound",
+    *,
+    call_id: str,
+    caller_id: str | None = None,
+    variables: dict[str, str] | None = None,
+) -> str:
+    """Originates ``Local/NUMBER@CONTEXT`` and waits until its ``;2`` leg, which runs the dialplan,
+    has hung up; returns that leg's uniqueid."""
+    _, leg = await originate_local(
+        ami, number, context, call_id=call_id, caller_id=caller_id, variables=variables
+    )
+    await ami.wait_for(lambda events: hangup_event(events, leg) is not None)
+    return leg
+
+
 @dataclass(frozen=True)
 class Case:
     number: str
@@ -176,14 +194,13 @@ async def test_a_check_is_two_agi_commands_and_keeps_commas_in_reasons(
     ami: AmiClient, agi_gate: FastAgiGate
 ) -> None:
     # Two rules broken at once: the reasons hold a comma, which MSet must not take for a separator.
-    _, leg = await originate_local(
+    leg = await finished_call(
         ami,
         "0698765432",
         call_id=call_id("two"),
         caller_id='"ACME" <0611111111>',
         variables={"__PBXGUARD_CAMPAIGN": "c1"},
     )
-    await ami.wait_for(lambda events: hangup_event(events, leg) is not None)
     reasons = (variable_value(ami.events, leg, "PBXGUARD_REASONS") or "").split(",")
     assert {"NO_CONSENT", "CALLER_ID_MOBILE"} <= set(reasons)
     assert variable_value(ami.events, leg, "PBXGUARD_VERDICT") == "BLOCK"
@@ -196,14 +213,13 @@ async def test_an_asterisk_without_len_still_gets_its_check(
 ) -> None:
     asterisk.cli("module unload func_strings.so")
     try:
-        _, leg = await originate_local(
+        leg = await finished_call(
             ami,
             "0612345678",
             call_id=call_id("nolen"),
             caller_id=NPV,
             variables={"__PBXGUARD_CAMPAIGN": "c1"},
         )
-        await ami.wait_for(lambda events: hangup_event(events, leg) is not None)
     finally:
         asterisk.cli("module load func_strings.so")
     assert variable_value(ami.events, leg, "PBXGUARD_VERDICT") == "ALLOW"
@@ -216,14 +232,13 @@ async def test_an_asterisk_without_len_still_gets_its_check(
 async def test_a_parenthesis_in_a_value_is_read_on_its_own(ami: AmiClient, agi_gate: FastAgiGate) -> None:
     # Asterisk parses ${LEN(x):0)} as LEN(x) with an offset: the lengths then describe another cut,
     # so the gate must not trust them and read each value alone.
-    _, leg = await originate_local(
+    leg = await finished_call(
         ami,
         "0612345678",
         call_id=call_id("paren"),
         caller_id=NPV,
         variables={"__PBXGUARD_CAMPAIGN": "c1", "__PBXGUARD_TOKEN": "x):0"},
     )
-    await ami.wait_for(lambda events: hangup_event(events, leg) is not None)
     assert variable_value(ami.events, leg, "PBXGUARD_VERDICT") in ("ALLOW", "BLOCK")
     assert len([c for c in agi_commands(ami.events, leg) if c.startswith("GET")]) == 3
 
@@ -232,10 +247,9 @@ async def test_agi_server_down_blocks(asterisk: AsteriskInstance, ami: AmiClient
     # Nothing listens on agi_port (no gate started) nor on the port we point the dialplan at.
     asterisk.set_global("PBXGUARD_AGI", f"agi://127.0.0.1:{free_port()}")
     try:
-        _, leg = await originate_local(
+        leg = await finished_call(
             ami, "0612345678", call_id=call_id("down"), caller_id=NPV, variables={"__PBXGUARD_CAMPAIGN": "c1"}
         )
-        await ami.wait_for(lambda events: hangup_event(events, leg) is not None)
     finally:
         asterisk.set_global("PBXGUARD_AGI", asterisk.agi_url)
     hangup = hangup_event(ami.events, leg)
@@ -251,14 +265,13 @@ async def test_stale_allow_on_the_channel_does_not_pass(
     # A verdict that arrives with the channel (set by whoever originated it) is cleared before asking.
     asterisk.set_global("PBXGUARD_AGI", f"agi://127.0.0.1:{free_port()}")
     try:
-        _, leg = await originate_local(
+        leg = await finished_call(
             ami,
             "0612345678",
             call_id=call_id("stale"),
             caller_id=NPV,
             variables={"__PBXGUARD_CAMPAIGN": "c1", "__PBXGUARD_VERDICT": "ALLOW"},
         )
-        await ami.wait_for(lambda events: hangup_event(events, leg) is not None)
     finally:
         asterisk.set_global("PBXGUARD_AGI", asterisk.agi_url)
     hangup = hangup_event(ami.events, leg)
@@ -272,14 +285,13 @@ async def test_token_from_the_originate_is_honoured(
     # What the AMI gate does: decide (and count) first, stamp __PBXGUARD_TOKEN on the Originate.
     first = await guard.decide(CallAttempt("0612345678", "c1", NPV, gate="ami", call_key="ami:1"), NOW)
     assert first.allowed and await attempts(ledger) == 1
-    _, leg = await originate_local(
+    leg = await finished_call(
         ami,
         "0612345678",
         call_id=call_id("tok"),
         caller_id=NPV,
         variables={"__PBXGUARD_CAMPAIGN": "c1", "__PBXGUARD_TOKEN": first.id},
     )
-    await ami.wait_for(lambda events: hangup_event(events, leg) is not None)
     assert variable_value(ami.events, leg, "PBXGUARD_VERDICT") == "ALLOW"
     assert reached_context(ami.events, leg, DIAL_CONTEXT)
     assert await attempts(ledger) == 1  # not counted twice
@@ -365,7 +377,7 @@ async def test_stasis_gate_end_to_end(ami: AmiClient, ari_gate: AriGate, ledger:
 
 async def test_stasis_without_pbxguard_blocks(ami: AmiClient, guard: Guard) -> None:
     # No ARI client registered the application: Stasis() fails at once and the dialplan hangs up.
-    _, leg = await originate_local(
+    leg = await finished_call(
         ami,
         "0612345678",
         "pbxguard-outbound-ari",
@@ -373,7 +385,6 @@ async def test_stasis_without_pbxguard_blocks(ami: AmiClient, guard: Guard) -> N
         caller_id=NPV,
         variables={"__PBXGUARD_CAMPAIGN": "c1"},
     )
-    await ami.wait_for(lambda events: hangup_event(events, leg) is not None)
     hangup = hangup_event(ami.events, leg)
     assert hangup is not None and hangup.get("Cause") == "21"
     assert variable_value(ami.events, leg, "STASISSTATUS") == "FAILED"

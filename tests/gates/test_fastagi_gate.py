@@ -17,7 +17,7 @@ from datetime import UTC, date, datetime
 from zoneinfo import ZoneInfo
 
 import pytest
-from agi_channel import Channel, agi_arguments, expand, mset_pairs
+from agi_channel import NPV, Channel, agi_arguments, expand, mset_pairs
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
@@ -43,7 +43,6 @@ NOW = datetime(2026, 12, 1, 10, 30, tzinfo=PARIS)  # a Tuesday, within legal hou
 EVENING = datetime(2026, 12, 1, 20, 30, tzinfo=PARIS)  # same day, after 20:00
 NUMBER = "0612345678"
 E164 = "+33612345678"
-NPV = "0162123456"
 LOG = "pbxguard.gates.agi"
 
 

@@ -38,6 +38,9 @@ class Figure:
 @dataclass
 class Report:
     figures: list[Figure] = field(default_factory=list)
+    # Seconds of the cheapest durable write, one at a time (bench/ledger.py): what any decision that
+    # is committed before its call goes out adds at the least.
+    durable_commit_s: float | None = None
 
     def add(self, figure: Figure) -> None:
         self.figures.append(figure)
@@ -115,6 +118,20 @@ async def rate(worker: Callable[[int], Awaitable[None]], concurrency: int, per_w
     started = time.perf_counter()
     await asyncio.gather(*(worker(w) for w in range(concurrency)))
     return concurrency * per_worker / (time.perf_counter() - started)
+
+
+def commit_ceiling(direct_rate: float, durable_commit_s: float | None) -> float | None:
+    """The best ratio a one-client gate can reach against `direct_rate` if it must wait, for each
+    action, for one durable commit: each action then takes at least its direct time plus the commit."""
+    if durable_commit_s is None or direct_rate <= 0:
+        return None
+    direct_s = 1 / direct_rate
+    return direct_s / (direct_s + durable_commit_s)
+
+
+def ceiling_note(direct_rate: float, durable_commit_s: float | None) -> str:
+    ceiling = commit_ceiling(direct_rate, durable_commit_s)
+    return "" if ceiling is None else f"; at most {ceiling:.2f} with one durable commit per decision"
 
 
 def rss_mb(pid: int) -> float:

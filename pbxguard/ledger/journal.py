@@ -72,13 +72,18 @@ async def seal(conn: asyncpg.Connection, key: bytes | None = None, batch: int = 
             "SELECT seq, entry_hash FROM pbxguard.journal_checkpoints ORDER BY seq DESC LIMIT 1"
         )
         seq, previous = (head["seq"], bytes(head["entry_hash"])) if head else (0, GENESIS)
+        # A row is sealed once every transaction that could still commit an earlier one has ended:
+        # its xid is below the snapshot's xmin.  An xid at or above the snapshot's xmax has not been
+        # handed out by this cluster yet: the row came from another one (pg_dump and restore into a
+        # younger cluster), its transaction ended there, and waiting for this cluster's counter to
+        # reach it could leave it unsealed for millions of transactions.
         rows = await conn.fetch(
             f"""
-            SELECT {_COLUMNS} FROM pbxguard.decisions
-             WHERE seq IS NULL AND xid < pg_snapshot_xmin(pg_current_snapshot())
+            SELECT {_COLUMNS} FROM pbxguard.decisions, pg_current_snapshot() AS s
+             WHERE seq IS NULL AND (xid < pg_snapshot_xmin(s) OR xid >= pg_snapshot_xmax(s))
              ORDER BY recorded_at, id
              LIMIT $1
-               FOR UPDATE
+               FOR UPDATE OF decisions
             """,
             batch,
         )

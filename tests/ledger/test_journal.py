@@ -87,6 +87,30 @@ async def test_seal_waits_for_transactions_in_flight(ledger: Ledger) -> None:
         await ledger.pool.release(conn)
 
 
+async def test_rows_restored_from_another_cluster_are_sealed(ledger: Ledger) -> None:
+    """pg_dump and restore into a younger cluster keep each row's xid: an unsealed row may carry an
+    xid this cluster has not reached.  Its transaction ended where it ran, so it is sealed now."""
+    await fill(ledger, 3)
+    conn = await ledger.pool.acquire()
+    try:
+        restored = uuid.uuid4()
+        await conn.execute(
+            """INSERT INTO pbxguard.decisions (consumer, id, decided_at, gate, campaign, caller_id, verdict,
+                   reasons, xid)
+               VALUES ('+33612345698', $1, now(), 'cli', 'c1', '0162123456', 'block', '{WEEKEND}',
+                   (pg_current_xact_id()::text::numeric + 50000000)::text::xid8)""",
+            restored,
+        )
+        while await journal.seal(conn):
+            pass
+        assert await journal.unsealed(conn) == 0
+        assert await conn.fetchval("SELECT seq FROM pbxguard.decisions WHERE id = $1", restored) == 4
+        result = await journal.verify(conn)
+        assert result.ok and result.checked == 4, result.problems
+    finally:
+        await ledger.pool.release(conn)
+
+
 TAMPERING = {
     "edit a verdict": "UPDATE pbxguard.decisions SET verdict = CASE verdict WHEN 'allow' THEN 'block' ELSE 'allow' END WHERE seq = 5",
     "edit a reason": "UPDATE pbxguard.decisions SET reasons = array_append(reasons, 'NO_CONSENT') WHERE seq = 5",

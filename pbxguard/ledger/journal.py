@@ -73,17 +73,22 @@ async def seal(conn: asyncpg.Connection, key: bytes | None = None, batch: int = 
         )
         seq, previous = (head["seq"], bytes(head["entry_hash"])) if head else (0, GENESIS)
         # A row is sealed once every transaction that could still commit an earlier one has ended:
-        # its xid is below the snapshot's xmin.  An xid at or above the snapshot's xmax has not been
-        # handed out by this cluster yet: the row came from another one (pg_dump and restore into a
-        # younger cluster), its transaction ended there, and waiting for this cluster's counter to
-        # reach it could leave it unsealed for millions of transactions.
+        # its xid is below the snapshot's xmin.  A row this snapshot sees was committed before it,
+        # so in this cluster its xid is below the snapshot's xmax (one past the latest completed
+        # xid), unless the row is this transaction's own.  Any other visible row at or above xmax
+        # was written under another cluster's counter (pg_dump restored into a younger cluster):
+        # its transaction ended there, and waiting for this counter to reach it could leave it
+        # unsealed for millions of transactions.
         rows = await conn.fetch(
             f"""
-            SELECT {_COLUMNS} FROM pbxguard.decisions, pg_current_snapshot() AS s
-             WHERE seq IS NULL AND (xid < pg_snapshot_xmin(s) OR xid >= pg_snapshot_xmax(s))
+            SELECT {_COLUMNS} FROM pbxguard.decisions
+             WHERE seq IS NULL
+               AND (xid < pg_snapshot_xmin(pg_current_snapshot())
+                    OR (xid >= pg_snapshot_xmax(pg_current_snapshot())
+                        AND xid IS DISTINCT FROM pg_current_xact_id_if_assigned()))
              ORDER BY recorded_at, id
              LIMIT $1
-               FOR UPDATE OF decisions
+               FOR UPDATE
             """,
             batch,
         )

@@ -111,6 +111,34 @@ async def test_rows_restored_from_another_cluster_are_sealed(ledger: Ledger) -> 
         await ledger.pool.release(conn)
 
 
+async def test_a_sealer_never_seals_its_own_transaction_s_rows(ledger: Ledger) -> None:
+    """A transaction's own xid can be at or above its snapshot's xmax (no later transaction has ended
+    yet): its uncommitted rows, which it alone sees, must wait for its commit like anyone's."""
+    await fill(ledger, 2)
+    conn = await ledger.pool.acquire()
+    try:
+        while await journal.seal(conn):
+            pass
+        async with conn.transaction():
+            await conn.execute(
+                """INSERT INTO pbxguard.decisions (consumer, id, decided_at, gate, campaign, caller_id,
+                       verdict, reasons)
+                   VALUES ('+33612345697', $1, now(), 'cli', 'c1', '0162123456', 'block', '{WEEKEND}')""",
+                uuid.uuid4(),
+            )
+            own = await conn.fetchval(
+                "SELECT pg_current_xact_id() >= pg_snapshot_xmax(pg_current_snapshot())"
+            )
+            assert await journal.seal(conn) == 0
+            assert await journal.unsealed(conn) == 1
+        assert await journal.seal(conn) == 1
+        assert (await journal.verify(conn)).ok
+        # The case this test is about did occur (no other transaction ended in between).
+        assert own
+    finally:
+        await ledger.pool.release(conn)
+
+
 TAMPERING = {
     "edit a verdict": "UPDATE pbxguard.decisions SET verdict = CASE verdict WHEN 'allow' THEN 'block' ELSE 'allow' END WHERE seq = 5",
     "edit a reason": "UPDATE pbxguard.decisions SET reasons = array_append(reasons, 'NO_CONSENT') WHERE seq = 5",

@@ -131,7 +131,7 @@ def commit_ceiling(direct_rate: float, durable_commit_s: float | None) -> float 
 
 def ceiling_note(direct_rate: float, durable_commit_s: float | None) -> str:
     ceiling = commit_ceiling(direct_rate, durable_commit_s)
-    return "" if ceiling is None else f"; at most {ceiling:.2f} with one durable commit per decision"
+    return "" if ceiling is None else f"; about {ceiling:.2f} at most with one durable commit per decision"
 
 
 def rss_mb(pid: int) -> float:

@@ -7,8 +7,9 @@ context, ``VarSet``) and its CDRs, never from pbxguard's logs.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from zoneinfo import ZoneInfo
@@ -92,6 +93,16 @@ async def agi_gate(asterisk: AsteriskInstance, guard: Guard) -> AsyncIterator[Fa
         yield gate
     finally:
         await gate.stop()
+
+
+@contextlib.contextmanager
+def agi_unreachable(asterisk: AsteriskInstance) -> Iterator[None]:
+    """Points the dialplan's FastAGI hook at a port where nothing listens, then back at the gate."""
+    asterisk.set_global("PBXGUARD_AGI", f"agi://127.0.0.1:{free_port()}")
+    try:
+        yield
+    finally:
+        asterisk.set_global("PBXGUARD_AGI", asterisk.agi_url)
 
 
 async def finished_call(
@@ -245,13 +256,10 @@ async def test_a_parenthesis_in_a_value_is_read_on_its_own(ami: AmiClient, agi_g
 
 async def test_agi_server_down_blocks(asterisk: AsteriskInstance, ami: AmiClient, guard: Guard) -> None:
     # Nothing listens on agi_port (no gate started) nor on the port we point the dialplan at.
-    asterisk.set_global("PBXGUARD_AGI", f"agi://127.0.0.1:{free_port()}")
-    try:
+    with agi_unreachable(asterisk):
         leg = await finished_call(
             ami, "0612345678", call_id=call_id("down"), caller_id=NPV, variables={"__PBXGUARD_CAMPAIGN": "c1"}
         )
-    finally:
-        asterisk.set_global("PBXGUARD_AGI", asterisk.agi_url)
     hangup = hangup_event(ami.events, leg)
     assert hangup is not None and hangup.get("Cause") == "21"
     assert variable_value(ami.events, leg, "AGISTATUS") == "FAILURE"
@@ -263,8 +271,7 @@ async def test_stale_allow_on_the_channel_does_not_pass(
     asterisk: AsteriskInstance, ami: AmiClient, guard: Guard
 ) -> None:
     # A verdict that arrives with the channel (set by whoever originated it) is cleared before asking.
-    asterisk.set_global("PBXGUARD_AGI", f"agi://127.0.0.1:{free_port()}")
-    try:
+    with agi_unreachable(asterisk):
         leg = await finished_call(
             ami,
             "0612345678",
@@ -272,8 +279,6 @@ async def test_stale_allow_on_the_channel_does_not_pass(
             caller_id=NPV,
             variables={"__PBXGUARD_CAMPAIGN": "c1", "__PBXGUARD_VERDICT": "ALLOW"},
         )
-    finally:
-        asterisk.set_global("PBXGUARD_AGI", asterisk.agi_url)
     hangup = hangup_event(ami.events, leg)
     assert hangup is not None and hangup.get("Cause") == "21"
     assert not reached_context(ami.events, leg, DIAL_CONTEXT)

@@ -46,6 +46,22 @@ async def sealed(ledger: Ledger, key: bytes | None = None) -> asyncpg.pool.PoolC
     return conn
 
 
+async def write_decision(conn: asyncpg.Connection, number: str, *, xid_ahead: int = 0) -> uuid.UUID:
+    """A blocked decision written straight into the journal, as another writer would. Its xid is the
+    writing transaction's, or ``xid_ahead`` past it: a row restored from an older cluster."""
+    decision_id = uuid.uuid4()
+    await conn.execute(
+        """INSERT INTO pbxguard.decisions (consumer, id, decided_at, gate, campaign, caller_id, verdict,
+               reasons, xid)
+           VALUES ($1, $2, now(), 'cli', 'c1', '0162123456', 'block', '{WEEKEND}',
+               (pg_current_xact_id()::text::numeric + $3)::text::xid8)""",
+        number,
+        decision_id,
+        xid_ahead,
+    )
+    return decision_id
+
+
 async def test_every_decision_is_sealed_and_verifies(ledger: Ledger) -> None:
     ids = await fill(ledger)
     conn = await sealed(ledger)
@@ -70,11 +86,7 @@ async def test_seal_waits_for_transactions_in_flight(ledger: Ledger) -> None:
         tx = writer.transaction()
         await tx.start()
         # A decision written by a transaction that has not committed yet ...
-        await writer.execute(
-            """INSERT INTO pbxguard.decisions (consumer, id, decided_at, gate, campaign, caller_id, verdict, reasons)
-               VALUES ('+33612345699', $1, now(), 'cli', 'c1', '0162123456', 'block', '{WEEKEND}')""",
-            uuid.uuid4(),
-        )
+        await write_decision(writer, "+33612345699")
         # ... holds back rows committed after it started, so nothing can slip in behind the head.
         await Guard(ledger).decide(CallAttempt("+33612345600", "c1", "0162123456", call_key="after"), NOW)
         assert await journal.seal(conn) == 2
@@ -93,14 +105,7 @@ async def test_rows_restored_from_another_cluster_are_sealed(ledger: Ledger) -> 
     await fill(ledger, 3)
     conn = await ledger.pool.acquire()
     try:
-        restored = uuid.uuid4()
-        await conn.execute(
-            """INSERT INTO pbxguard.decisions (consumer, id, decided_at, gate, campaign, caller_id, verdict,
-                   reasons, xid)
-               VALUES ('+33612345698', $1, now(), 'cli', 'c1', '0162123456', 'block', '{WEEKEND}',
-                   (pg_current_xact_id()::text::numeric + 50000000)::text::xid8)""",
-            restored,
-        )
+        restored = await write_decision(conn, "+33612345698", xid_ahead=50_000_000)
         while await journal.seal(conn):
             pass
         assert await journal.unsealed(conn) == 0
@@ -120,12 +125,7 @@ async def test_a_sealer_never_seals_its_own_transaction_s_rows(ledger: Ledger) -
         while await journal.seal(conn):
             pass
         async with conn.transaction():
-            await conn.execute(
-                """INSERT INTO pbxguard.decisions (consumer, id, decided_at, gate, campaign, caller_id,
-                       verdict, reasons)
-                   VALUES ('+33612345697', $1, now(), 'cli', 'c1', '0162123456', 'block', '{WEEKEND}')""",
-                uuid.uuid4(),
-            )
+            await write_decision(conn, "+33612345697")
             own = await conn.fetchval(
                 "SELECT pg_current_xact_id() >= pg_snapshot_xmax(pg_current_snapshot())"
             )

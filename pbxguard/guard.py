@@ -87,11 +87,16 @@ class Guard:
     def shadow(self) -> bool:
         return self.mode is Mode.SHADOW
 
-    async def decide(self, attempt: CallAttempt, now: datetime, *, reserve: bool = True) -> Decision:
+    async def decide(
+        self, attempt: CallAttempt, now: datetime, *, reserve: bool = True, deadline: float | None = None
+    ) -> Decision:
+        """The decision on ``attempt`` at ``now``. The ledger is waited for ``timeout`` seconds at most,
+        and never past ``deadline`` (the event loop's clock) when one is given: then the call is blocked
+        with STORE_UNAVAILABLE."""
         if not self.observers:
-            return await self._decide(attempt, now, reserve=reserve)
+            return await self._decide(attempt, now, reserve=reserve, deadline=deadline)
         started = time.perf_counter()
-        decision = await self._decide(attempt, now, reserve=reserve)
+        decision = await self._decide(attempt, now, reserve=reserve, deadline=deadline)
         elapsed = time.perf_counter() - started
         for observer in self.observers:
             try:
@@ -107,7 +112,9 @@ class Guard:
             except Exception:
                 log.exception("ledger observer failed")
 
-    async def _decide(self, attempt: CallAttempt, now: datetime, *, reserve: bool) -> Decision:
+    async def _decide(
+        self, attempt: CallAttempt, now: datetime, *, reserve: bool, deadline: float | None
+    ) -> Decision:
         if now.tzinfo is None:
             raise ValueError("now must be timezone-aware")
         destination = parse_destination(attempt.number)
@@ -153,9 +160,13 @@ class Guard:
                     token=parse_token(attempt.token),
                 )
                 sent = time.perf_counter()
+                loop = asyncio.get_running_loop()
+                give_up_at = loop.time() + self.timeout
+                if deadline is not None and deadline < give_up_at:
+                    give_up_at = deadline
                 # asyncio.timeout, not wait_for: no task of its own for every decision.
-                async with asyncio.timeout(self.timeout):
-                    row = await self.ledger.decide(request, self.timeout)
+                async with asyncio.timeout_at(give_up_at):
+                    row = await self.ledger.decide(request, give_up_at - loop.time())
                 if self.ledger_observers:
                     self._notify_ledger(time.perf_counter() - sent)
                 if row["status"] != "retry":
@@ -210,7 +221,8 @@ class Guard:
             reasons=ordered,
             next_allowed_at=next_allowed,
             consumer=destination.e164 if destination.valid else None,
-            territories=tuple(dict.fromkeys(p.territory for p in evaluation.places)) or destination.territories,
+            territories=tuple(dict.fromkeys(p.territory for p in evaluation.places))
+            or destination.territories,
             zones=tuple(dict.fromkeys(p.zone for p in evaluation.places)) or destination.zones,
             campaign_id=attempt.campaign_id,
             order_giver=campaign.order_giver if campaign else None,

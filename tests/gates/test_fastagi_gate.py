@@ -591,6 +591,25 @@ async def test_hangup_after_the_reply_is_not_taken_for_one(gate: FastAgiGate) ->
     assert "PBXGUARD_VERDICT" not in channel.variables  # the channel is gone: the dialplan blocks anyway
 
 
+async def test_a_client_talking_out_of_turn_is_cut_off(
+    gate: FastAgiGate, ledger: Ledger, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Lines nobody asked for pile up while the gate waits on the ledger: past a few, the client is
+    # dropped instead of buffered.
+    def flood(line: str, channel: Channel) -> str | None:
+        return "\n".join(["HANGUP"] * 40) if line.startswith("GET FULL VARIABLE") else None
+
+    with caplog.at_level(logging.INFO, LOG):
+        channel = await fake_call(gate.port, on_command=flood)
+        await wait_idle(gate)
+    assert channel.closed_by_server
+    assert channel.variables == {}
+    assert await attempts(ledger) == 0
+    lines = gate_lines(caplog)
+    assert len(lines) == 1 and "out of turn" in lines[0], lines
+    assert (await fake_call(gate.port)).variables["PBXGUARD_VERDICT"] == "ALLOW"
+
+
 async def test_slow_client_is_cut_within_the_bound(guard: Guard, caplog: pytest.LogCaptureFixture) -> None:
     gate = await start_gate(guard, timeout_ms=300)
     try:
@@ -653,6 +672,13 @@ async def test_no_ledger_blocks_store_unavailable() -> None:
         await gate.stop()
 
 
+def test_the_gate_serves_on_uvloop_as_the_daemon_runs_it() -> None:
+    # The daemon installs uvloop, whose transports are not asyncio.Transport subclasses; the rest of
+    # this file runs on asyncio's own loop.
+    uvloop = pytest.importorskip("uvloop")
+    uvloop.run(test_no_ledger_blocks_store_unavailable())
+
+
 async def test_closed_pool_blocks_store_unavailable(database_url: str) -> None:
     ledger = await Ledger.connect(database_url, min_size=1, max_size=2)
     await ledger.close()
@@ -666,7 +692,9 @@ async def test_closed_pool_blocks_store_unavailable(database_url: str) -> None:
 class StuckGuard(Guard):
     """A guard whose ledger never answers (a hung PostgreSQL, a lock held forever)."""
 
-    async def decide(self, attempt: CallAttempt, now: datetime, *, reserve: bool = True) -> Decision:
+    async def decide(
+        self, attempt: CallAttempt, now: datetime, *, reserve: bool = True, deadline: float | None = None
+    ) -> Decision:
         await asyncio.Event().wait()
         raise AssertionError("unreachable")
 

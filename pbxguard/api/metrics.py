@@ -72,17 +72,29 @@ class Metrics:
             registry=self.registry,
         )
 
+        # Labelled children by label values; bounded: gates x verdicts x reason codes.
+        self._decision_counters: dict[tuple[str, str, str], Counter] = {}
+        self._decision_histograms: dict[str, Histogram] = {}
+
     # -- guard observers (hot path: a few dictionary look-ups) ---------------------------------
 
     def observe_decision(self, decision: Decision, seconds: float) -> None:
         gate = decision.gate
         reasons = decision.reasons
-        self.decisions.labels(gate, decision.verdict.value, reasons[0].value if reasons else "none").inc()
+        key = (gate, decision.verdict.value, reasons[0].value if reasons else "none")
+        # labels() checks and converts its arguments on every call: each child is looked up once.
+        counter = self._decision_counters.get(key)
+        if counter is None:
+            counter = self._decision_counters[key] = self.decisions.labels(*key)
+        counter.inc()
         for reason in reasons:
             self.block_reasons.labels(gate, reason.value).inc()
         if decision.shadow:
             self.shadow_passes.labels(gate).inc()
-        self.decision_seconds.labels(gate).observe(seconds)
+        histogram = self._decision_histograms.get(gate)
+        if histogram is None:
+            histogram = self._decision_histograms[gate] = self.decision_seconds.labels(gate)
+        histogram.observe(seconds)
 
     def observe_ledger(self, seconds: float) -> None:
         self.ledger_seconds.observe(seconds)

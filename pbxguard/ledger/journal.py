@@ -50,9 +50,42 @@ def _value(value: Any) -> Any:
     return value
 
 
+_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+
+
+def _texts(value: Any) -> Any:
+    # A text[] column arrives as a list of str, which JSON takes as it is.
+    if type(value) is list and all(type(item) is str for item in value):
+        return value
+    return _value(value)
+
+
 def canonical(row: asyncpg.Record | dict[str, Any]) -> bytes:
-    return json.dumps(
-        [_value(row[name]) for name in CHAINED_FIELDS], ensure_ascii=False, separators=(",", ":")
+    """The decision's chained fields as compact JSON, in CHAINED_FIELDS order.
+
+    Spelled out field by field rather than converting every value generically: the sealer renders
+    each decision once, on the event loop the gates share, and the generic walk took two thirds of
+    the time. ``_value`` stays the definition: tests/ledger/test_journal.py holds both to the same
+    bytes.
+    """
+    return _ENCODER.encode(
+        [
+            _value(row["id"]),
+            row["consumer"],
+            row["call_key"],
+            _value(row["decided_at"]),
+            row["gate"],
+            row["campaign"],
+            row["order_giver"],
+            row["caller_id"],
+            row["verdict"],
+            _texts(row["reasons"]),
+            row["shadow"],
+            row["counted"],
+            _value(row["via_token"]),
+            _texts(row["territories"]),
+            _texts(row["zones"]),
+        ]
     ).encode()
 
 

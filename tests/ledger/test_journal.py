@@ -12,6 +12,8 @@ from zoneinfo import ZoneInfo
 
 import asyncpg
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from pbxguard.guard import Guard
 from pbxguard.ledger import journal
@@ -20,6 +22,48 @@ from pbxguard.policy.model import CallAttempt, Campaign
 
 PARIS = ZoneInfo("Europe/Paris")
 NOW = datetime(2026, 12, 1, 10, 30, tzinfo=PARIS)
+
+
+def generic_canonical(row: dict[str, object]) -> bytes:
+    """The chain's rendering as first defined: every field through journal._value, then json.dumps."""
+    values = [journal._value(row[name]) for name in journal.CHAINED_FIELDS]
+    return json.dumps(values, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+_texts = st.text(max_size=12)
+_instants = st.datetimes(
+    min_value=datetime(2000, 1, 1), max_value=datetime(2100, 1, 1), timezones=st.sampled_from([UTC, PARIS])
+)
+_rows = st.fixed_dictionaries(
+    {
+        "id": st.uuids(),
+        "consumer": _texts,
+        "call_key": st.none() | _texts,
+        "decided_at": _instants,
+        "gate": _texts,
+        "campaign": _texts,
+        "order_giver": st.none() | _texts,
+        "caller_id": _texts,
+        "verdict": st.sampled_from(["allow", "block"]),
+        "reasons": st.lists(_texts, max_size=4) | st.tuples(_texts),
+        "shadow": st.booleans(),
+        "counted": st.booleans(),
+        "via_token": st.none() | st.uuids(),
+        "territories": st.lists(_texts, max_size=3),
+        "zones": st.lists(_texts, max_size=3),
+    }
+)
+
+
+@given(_rows)
+def test_the_sealer_s_rendering_is_the_chain_s_definition(row: dict[str, object]) -> None:
+    # canonical() spells the fields out for speed; a byte of difference would break every chain.
+    assert journal.canonical(row) == generic_canonical(row)
+
+
+def test_the_rendering_follows_the_chained_fields_in_order() -> None:
+    row = {name: f"<{name}>" for name in journal.CHAINED_FIELDS}
+    assert json.loads(journal.canonical(row)) == [f"<{name}>" for name in journal.CHAINED_FIELDS]
 
 
 async def fill(ledger: Ledger, count: int = 12) -> list[str]:

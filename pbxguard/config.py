@@ -157,8 +157,7 @@ class HttpConfig:
 @dataclass(frozen=True, slots=True)
 class JournalConfig:
     key: Secret = NO_SECRET  # set: entries are chained with HMAC-SHA-256 instead of SHA-256
-    seal_interval_ms: int = 200  # the longest a committed decision waits to be sealed
-    seal_rows: int = 16  # or as soon as this daemon has made this many decisions since the last seal
+    seal_interval_ms: int = 200
 
 
 @dataclass(frozen=True, slots=True)
@@ -469,8 +468,6 @@ def validate(config: Config) -> None:
         raise ConfigError("database.decide_batch_max: must be between 1 and 1000")
     if config.journal.seal_interval_ms < 10:
         raise ConfigError("journal.seal_interval_ms: at least 10")
-    if not 1 <= config.journal.seal_rows <= 1000:
-        raise ConfigError("journal.seal_rows: must be between 1 and 1000")
     if config.gates.agi.timeout_ms < 1:
         raise ConfigError("gates.agi.timeout_ms: must be at least 1")
 

@@ -27,12 +27,9 @@ from pbxguard.guard import Guard
 from pbxguard.ledger import journal
 from pbxguard.ledger.store import Ledger
 from pbxguard.policy import numbers
-from pbxguard.policy.model import Decision
 from pbxguard.tls import server_context
 
 log = logging.getLogger("pbxguard.daemon")
-
-_SEAL_MIN_GAP = 0.01  # seconds between two seals at least
 
 
 def _not_started() -> bool:
@@ -51,8 +48,6 @@ class Daemon:
     _runner: web.AppRunner | None = None
     _cleanups: list[Callable[[], Any]] = field(default_factory=list)
     metrics: Metrics = field(init=False)
-    _seal_due: asyncio.Event = field(default_factory=asyncio.Event)
-    _decided_since_seal: int = 0
 
     def __post_init__(self) -> None:
         self.guard = Guard(
@@ -63,7 +58,6 @@ class Daemon:
         self.guard.observers.append(self.metrics.observe_decision)
         self.guard.observers.append(DecisionLog(full_numbers=self.config.log.numbers == "full"))
         self.guard.ledger_observers.append(self.metrics.observe_ledger)
-        self.guard.observers.append(self._count_for_seal)
 
     async def _connect_once(self) -> bool:
         try:
@@ -100,30 +94,12 @@ class Daemon:
             self.ledger_ready = ready
             await asyncio.sleep(1.0)
 
-    def _count_for_seal(self, _decision: Decision, _seconds: float) -> None:
-        self._decided_since_seal += 1
-        if self._decided_since_seal >= self.config.journal.seal_rows:
-            self._seal_due.set()
-
     async def _seal_journal(self) -> None:
-        """Links committed decisions into the hash chain, off the decision path.
-
-        Every seal_interval_ms, or as soon as seal_rows decisions were made here: a seal is a burst of
-        hashing on this event loop and of row updates in PostgreSQL, and the calls decided meanwhile
-        wait for both. Small seals keep that wait short (at 500 checks/s, a seal every 200 ms took
-        about 100 rows and was most of the FastAGI latency's p99).
-        """
+        """Links committed decisions into the hash chain, off the decision path."""
         interval = self.config.journal.seal_interval_ms / 1000
         key = self.config.journal.key.encode() or None
         while True:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(interval):
-                    await self._seal_due.wait()
-            self._seal_due.clear()
-            self._decided_since_seal = 0
-            # However busy: no more than one seal per _SEAL_MIN_GAP (a hopper pre-checked over HTTP
-            # is thousands of decisions, and most of them journal nothing).
-            await asyncio.sleep(_SEAL_MIN_GAP)
+            await asyncio.sleep(interval)
             if self.ledger is None:
                 continue
             try:

@@ -518,11 +518,6 @@ def test_database_pool_and_timeouts() -> None:
     assert error({"gates": {"agi": {"timeout_ms": 0}}}).startswith("gates.agi.timeout_ms")
 
 
-@pytest.mark.parametrize("rows", [0, 1001])
-def test_seal_rows_out_of_range(rows: int) -> None:
-    assert error({"journal": {"seal_rows": rows}}).startswith("journal.seal_rows")
-
-
 # -- loading files -----------------------------------------------------------------------------------
 
 

@@ -14,7 +14,6 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlparse
@@ -25,8 +24,6 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from pbxguard import config as config_module
 from pbxguard.daemon import Daemon, serve
-from pbxguard.ledger import journal
-from pbxguard.policy.model import CallAttempt, Campaign
 
 PBXGUARD = Path(sys.executable).parent / "pbxguard"
 UNREACHABLE = "postgresql://pbxguard@127.0.0.1:1/nothing"
@@ -323,35 +320,3 @@ async def test_readiness_includes_the_gates(database_url: str) -> None:
         assert await response.json() == {"ready": True, "checks": {"ledger": True, "ami": True}}
         response = await client.get("/healthz")
         assert response.status == 200 and await response.json() == {"status": "alive"}
-
-
-async def test_a_busy_daemon_seals_without_waiting_for_the_interval(database_url: str) -> None:
-    config = make_config(database_url, free_port(), journal={"seal_interval_ms": 600_000, "seal_rows": 3})
-    daemon = Daemon(config)
-    await daemon.start()
-    try:
-        assert daemon.ledger is not None
-        await daemon.ledger.add_campaign(Campaign("c1", "ACME"))
-        now = datetime(2026, 12, 1, 10, 30, tzinfo=UTC)
-
-        async def decide(i: int) -> None:
-            await daemon.guard.decide(
-                CallAttempt(f"+3361234{5600 + i:04d}", "c1", "0162123456", call_key=f"k{i}"), now
-            )
-
-        async def unsealed() -> int:
-            assert daemon.ledger is not None
-            async with daemon.ledger.pool.acquire() as conn:
-                return await journal.unsealed(conn)
-
-        for i in range(2):
-            await decide(i)
-        await asyncio.sleep(0.5)
-        assert await unsealed() == 2  # fewer than seal_rows, and the interval is ten minutes away
-        await decide(2)
-        deadline = asyncio.get_running_loop().time() + 5
-        while await unsealed():
-            assert asyncio.get_running_loop().time() < deadline, "the third decision did not start a seal"
-            await asyncio.sleep(0.02)
-    finally:
-        await daemon.stop()

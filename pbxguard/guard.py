@@ -163,10 +163,14 @@ class Guard:
                 loop = asyncio.get_running_loop()
                 give_up_at = loop.time() + self.timeout
                 if deadline is not None and deadline < give_up_at:
+                    if deadline <= loop.time():
+                        raise StoreError("no time left to ask the ledger")
                     give_up_at = deadline
-                # asyncio.timeout, not wait_for: no task of its own for every decision.
+                # asyncio.timeout, not wait_for: no task of its own for every decision. The ledger
+                # keeps the guard's own patience: a batch is cancelled at its most impatient member's
+                # patience, and a caller nearly out of time must not take the others down with it.
                 async with asyncio.timeout_at(give_up_at):
-                    row = await self.ledger.decide(request, give_up_at - loop.time())
+                    row = await self.ledger.decide(request, self.timeout)
                 if self.ledger_observers:
                     self._notify_ledger(time.perf_counter() - sent)
                 if row["status"] != "retry":

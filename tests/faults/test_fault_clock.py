@@ -210,6 +210,21 @@ async def test_a_caller_s_deadline_cuts_the_guard_s_wait_short(setup: Ledger, da
     assert 0.25 <= elapsed <= 0.3 + 0.3, f"gave up after {elapsed:.3f} s"
 
 
+class LedgerThatMustNotBeAsked:
+    async def decide(self, request: object, patience: float | None = None) -> object:
+        raise AssertionError("the ledger was asked after the caller's deadline")
+
+
+async def test_a_caller_out_of_time_does_not_reach_the_ledger() -> None:
+    guard = Guard(LedgerThatMustNotBeAsked(), PolicySettings(), Mode.ENFORCE, timeout=5.0)  # type: ignore[arg-type]
+    result = await guard.decide(
+        CallAttempt(national(OFF_HOURS), "c1", "0162123456", call_key="clock.late"),
+        TUESDAY,
+        deadline=asyncio.get_running_loop().time() - 0.01,
+    )
+    assert result.reasons == (Reason.STORE_UNAVAILABLE,), result
+
+
 # -- no wall clock in any timer ------------------------------------------------------------------------
 
 PACKAGE = Path(pbxguard.__file__).resolve().parent

@@ -501,6 +501,14 @@ class FastAgiGate:
         conn.task = task = loop.create_task(self._run(conn))
         self._tasks.add(task)
         self._waiting[conn] = None
+        # A callback, not a `finally`: it also runs for a task that stop() cancels before its first
+        # step, which would otherwise leave the socket open and Asterisk waiting on it.
+        task.add_done_callback(lambda done: self._finished(conn, done))
+
+    def _finished(self, conn: _AgiConnection, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self._waiting.pop(conn, None)
+        conn.finish()
 
     async def _run(self, conn: _AgiConnection) -> None:
         assert conn.transport is not None
@@ -509,10 +517,6 @@ class FastAgiGate:
             await self._serve(conn, peer)
         except Exception:  # never let one connection take the server down
             log.exception("FastAGI connection from %s failed", peer)
-        finally:
-            self._tasks.discard(conn.task)
-            self._waiting.pop(conn, None)
-            conn.finish()
 
     def _displace_one(self) -> bool:
         """Closes the oldest connection still without its environment after DISPLACE_AFTER."""
@@ -584,8 +588,8 @@ class FastAgiGate:
         )
         now = self._clock()
         try:
-            # The guard gives the ledger up at answer_by itself (and the batch it joined with it); this
-            # bound is for a guard stuck anywhere else.
+            # The guard stops waiting for the ledger at answer_by itself (and does not ask it at all
+            # when answer_by has passed); this bound is for a guard stuck anywhere else.
             async with asyncio.timeout_at(answer_by):
                 decision = await self._guard.decide(attempt, now, deadline=answer_by)
         except TimeoutError:

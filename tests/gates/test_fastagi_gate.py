@@ -26,6 +26,7 @@ from pbxguard.gates.fastagi import (
     CHANNEL_FACTS,
     AgiRequest,
     FastAgiGate,
+    _AgiConnection,
     mset_data,
     parse_request,
     split_channel_facts,
@@ -594,8 +595,8 @@ async def test_hangup_after_the_reply_is_not_taken_for_one(gate: FastAgiGate) ->
 async def test_a_client_talking_out_of_turn_is_cut_off(
     gate: FastAgiGate, ledger: Ledger, caplog: pytest.LogCaptureFixture
 ) -> None:
-    # Lines nobody asked for pile up while the gate waits on the ledger: past a few, the client is
-    # dropped instead of buffered.
+    # Lines nobody asked for: past a few unread, the client is dropped as talking out of turn
+    # instead of having them buffered.
     def flood(line: str, channel: Channel) -> str | None:
         return "\n".join(["HANGUP"] * 40) if line.startswith("GET FULL VARIABLE") else None
 
@@ -768,6 +769,42 @@ async def test_concurrent_calls(gate: FastAgiGate, ledger: Ledger) -> None:
     assert verdicts.count("ALLOW") == 4
     assert verdicts.count("BLOCK") == 36
     assert await attempts(ledger) == 4
+
+
+class RecordingTransport(asyncio.Transport):
+    """Just enough of a socket's transport to see whether the gate closed it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.closed = False
+
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        return ("127.0.0.1", 4573) if name == "peername" else default
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+    def abort(self) -> None:
+        self.closed = True
+
+
+async def test_a_connection_stopped_before_it_is_served_is_closed(guard: Guard) -> None:
+    # stop() right after accepting: the connection's task is cancelled before its first step, and
+    # its socket must still be closed (Asterisk would wait on it).
+    gate = await start_gate(guard)
+    transport = RecordingTransport()
+    _AgiConnection(gate).connection_made(transport)
+    assert gate.active_connections == 1
+    await gate.stop()
+    await asyncio.sleep(0)  # the task's done callbacks run on the next turn of the loop
+    assert transport.closed
+    assert gate.active_connections == 0
 
 
 async def test_stop_with_open_connections_is_prompt(guard: Guard) -> None:

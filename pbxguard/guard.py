@@ -87,16 +87,11 @@ class Guard:
     def shadow(self) -> bool:
         return self.mode is Mode.SHADOW
 
-    async def decide(
-        self, attempt: CallAttempt, now: datetime, *, reserve: bool = True, deadline: float | None = None
-    ) -> Decision:
-        """The decision on ``attempt`` at ``now``. The ledger is waited for ``timeout`` seconds at most,
-        and never past ``deadline`` (the event loop's clock) when one is given: then the call is blocked
-        with STORE_UNAVAILABLE."""
+    async def decide(self, attempt: CallAttempt, now: datetime, *, reserve: bool = True) -> Decision:
         if not self.observers:
-            return await self._decide(attempt, now, reserve=reserve, deadline=deadline)
+            return await self._decide(attempt, now, reserve=reserve)
         started = time.perf_counter()
-        decision = await self._decide(attempt, now, reserve=reserve, deadline=deadline)
+        decision = await self._decide(attempt, now, reserve=reserve)
         elapsed = time.perf_counter() - started
         for observer in self.observers:
             try:
@@ -112,9 +107,7 @@ class Guard:
             except Exception:
                 log.exception("ledger observer failed")
 
-    async def _decide(
-        self, attempt: CallAttempt, now: datetime, *, reserve: bool, deadline: float | None
-    ) -> Decision:
+    async def _decide(self, attempt: CallAttempt, now: datetime, *, reserve: bool) -> Decision:
         if now.tzinfo is None:
             raise ValueError("now must be timezone-aware")
         destination = parse_destination(attempt.number)
@@ -160,16 +153,8 @@ class Guard:
                     token=parse_token(attempt.token),
                 )
                 sent = time.perf_counter()
-                loop = asyncio.get_running_loop()
-                give_up_at = loop.time() + self.timeout
-                if deadline is not None and deadline < give_up_at:
-                    if deadline <= loop.time():
-                        raise StoreError("no time left to ask the ledger")
-                    give_up_at = deadline
-                # asyncio.timeout, not wait_for: no task of its own for every decision. The ledger
-                # keeps the guard's own patience: a batch is cancelled at its most impatient member's
-                # patience, and a caller nearly out of time must not take the others down with it.
-                async with asyncio.timeout_at(give_up_at):
+                # asyncio.timeout, not wait_for: no task of its own for every decision.
+                async with asyncio.timeout(self.timeout):
                     row = await self.ledger.decide(request, self.timeout)
                 if self.ledger_observers:
                     self._notify_ledger(time.perf_counter() - sent)
@@ -225,8 +210,7 @@ class Guard:
             reasons=ordered,
             next_allowed_at=next_allowed,
             consumer=destination.e164 if destination.valid else None,
-            territories=tuple(dict.fromkeys(p.territory for p in evaluation.places))
-            or destination.territories,
+            territories=tuple(dict.fromkeys(p.territory for p in evaluation.places)) or destination.territories,
             zones=tuple(dict.fromkeys(p.zone for p in evaluation.places)) or destination.zones,
             campaign_id=attempt.campaign_id,
             order_giver=campaign.order_giver if campaign else None,

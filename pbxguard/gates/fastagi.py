@@ -588,10 +588,8 @@ class FastAgiGate:
         )
         now = self._clock()
         try:
-            # The guard stops waiting for the ledger at answer_by itself (and does not ask it at all
-            # when answer_by has passed); this bound is for a guard stuck anywhere else.
             async with asyncio.timeout_at(answer_by):
-                decision = await self._guard.decide(attempt, now, deadline=answer_by)
+                decision = await self._guard.decide(attempt, now)
         except TimeoutError:
             log.warning(
                 "no decision within gates.agi.timeout_ms for %s: blocked (STORE_UNAVAILABLE)",

@@ -194,37 +194,6 @@ async def test_guard_timeout_survives_a_wall_clock_jump(
     )
 
 
-async def test_a_caller_s_deadline_cuts_the_guard_s_wait_short(setup: Ledger, database_url: str) -> None:
-    """A gate with less time left than the guard's timeout hands its deadline down: the ledger is
-    given up at that deadline, not the guard's, and the call is blocked."""
-    guard = Guard(setup, PolicySettings(), Mode.ENFORCE, timeout=5.0)
-    async with held(database_url, OFF_HOURS):
-        started = time.monotonic()
-        result = await guard.decide(
-            CallAttempt(national(OFF_HOURS), "c1", "0162123456", call_key="clock.deadline"),
-            TUESDAY,
-            deadline=asyncio.get_running_loop().time() + 0.3,
-        )
-        elapsed = time.monotonic() - started
-    assert result.reasons == (Reason.STORE_UNAVAILABLE,), result
-    assert 0.25 <= elapsed <= 0.3 + 0.3, f"gave up after {elapsed:.3f} s"
-
-
-class LedgerThatMustNotBeAsked:
-    async def decide(self, request: object, patience: float | None = None) -> object:
-        raise AssertionError("the ledger was asked after the caller's deadline")
-
-
-async def test_a_caller_out_of_time_does_not_reach_the_ledger() -> None:
-    guard = Guard(LedgerThatMustNotBeAsked(), PolicySettings(), Mode.ENFORCE, timeout=5.0)  # type: ignore[arg-type]
-    result = await guard.decide(
-        CallAttempt(national(OFF_HOURS), "c1", "0162123456", call_key="clock.late"),
-        TUESDAY,
-        deadline=asyncio.get_running_loop().time() - 0.01,
-    )
-    assert result.reasons == (Reason.STORE_UNAVAILABLE,), result
-
-
 # -- no wall clock in any timer ------------------------------------------------------------------------
 
 PACKAGE = Path(pbxguard.__file__).resolve().parent

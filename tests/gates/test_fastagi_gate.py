@@ -693,9 +693,7 @@ async def test_closed_pool_blocks_store_unavailable(database_url: str) -> None:
 class StuckGuard(Guard):
     """A guard whose ledger never answers (a hung PostgreSQL, a lock held forever)."""
 
-    async def decide(
-        self, attempt: CallAttempt, now: datetime, *, reserve: bool = True, deadline: float | None = None
-    ) -> Decision:
+    async def decide(self, attempt: CallAttempt, now: datetime, *, reserve: bool = True) -> Decision:
         await asyncio.Event().wait()
         raise AssertionError("unreachable")
 

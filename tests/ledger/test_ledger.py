@@ -21,7 +21,16 @@ from pbxguard.guard import Guard, consumer_key
 from pbxguard.ledger.migrate import Migration, MigrationError, bundled, migrate
 from pbxguard.ledger.store import DecideRequest, Ledger
 from pbxguard.policy import rules
-from pbxguard.policy.model import CallAttempt, Campaign, ConsumerFacts, Purpose, Reason, Residence, Sector
+from pbxguard.policy.model import (
+    CallAttempt,
+    Campaign,
+    ConsumerFacts,
+    Decision,
+    Purpose,
+    Reason,
+    Residence,
+    Sector,
+)
 from pbxguard.policy.numbers import classify_caller_id, parse_destination
 from pbxguard.policy.settings import PolicySettings
 
@@ -587,17 +596,75 @@ async def test_a_batch_refuses_two_decisions_for_one_consumer(ledger: Ledger) ->
         await ledger.decide_batch([request, dataclasses.replace(request, decision_id=uuid.uuid4())])
 
 
+async def decide_consenting_at_once(ledger: Ledger, count: int) -> list[Decision]:
+    """Decisions for `count` consenting numbers, all asked at once."""
+    numbers = [f"+3361234{i:04d}" for i in range(count)]
+    for number in numbers:
+        await ledger.add_consent(number, "ACME", datetime(2026, 11, 1, tzinfo=UTC))
+    return await asyncio.gather(*(Guard(ledger).decide(attempt(n), NOW) for n in numbers))
+
+
 async def test_batches_of_one_send_every_decision_alone(database_url: str) -> None:
     ledger = await Ledger.connect(database_url, min_size=1, max_size=2)
     ledger.decide_concurrency, ledger.decide_batch_max = 1, 1  # database.decide_batch_max = 1
     try:
         await legal_setup(ledger)
-        numbers = [f"+3361234{i:04d}" for i in range(10)]
-        for number in numbers:
-            await ledger.add_consent(number, "ACME", datetime(2026, 11, 1, tzinfo=UTC))
-        decisions = await asyncio.gather(*(Guard(ledger).decide(attempt(n), NOW) for n in numbers))
-        assert all(d.allowed for d in decisions)
+        assert all(d.allowed for d in await decide_consenting_at_once(ledger, 10))
         async with ledger.pool.acquire() as conn:
             assert await conn.fetchval("SELECT count(DISTINCT xid) FROM pbxguard.decisions") == 10
     finally:
         await ledger.close()
+
+
+async def test_decisions_keep_one_connection_between_round_trips(ledger: Ledger) -> None:
+    await legal_setup(ledger)
+    guard = Guard(ledger)
+    await guard.decide(attempt(key="k1"), NOW)
+    idle = ledger.pool.get_idle_size()
+    for key in ("k2", "k3", "k4"):
+        assert (await guard.decide(attempt(key=key), NOW)).allowed
+    # The pool saw no acquire or release: the same connection served every decision.
+    assert ledger.pool.get_idle_size() == idle
+    assert ledger.pool.get_size() - idle == 1
+
+
+async def test_a_connection_killed_between_decisions_costs_one_blocked_call(ledger: Ledger) -> None:
+    await legal_setup(ledger)
+    guard = Guard(ledger, timeout=2.0)
+    assert (await guard.decide(attempt(key="k1"), NOW)).allowed
+    async with ledger.pool.acquire() as conn:
+        killed = await conn.fetchval(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND pid <> pg_backend_pid() AND query LIKE '%decide(%'"
+        )
+    assert killed == 1
+    first = await guard.decide(attempt(key="k2"), NOW)
+    assert first.reasons == (Reason.STORE_UNAVAILABLE,) and not first.permits_call
+    second = await guard.decide(attempt(key="k3"), NOW)
+    assert second.allowed
+    assert await ledger.attempts_count(NUMBER, "ACME") == 2
+
+
+async def test_a_pool_of_one_is_not_kept_by_the_decisions(database_url: str) -> None:
+    ledger = await Ledger.connect(database_url, min_size=1, max_size=1)
+    try:
+        await legal_setup(ledger)
+        assert (await Guard(ledger).decide(attempt(key="k1"), NOW)).allowed
+        # Held, the only connection would leave the CRM writes waiting for ever.
+        async with asyncio.timeout(5):
+            await ledger.add_refusal(NUMBER, "ACME", NOW, "phone")
+            assert (await Guard(ledger).decide(attempt(key="k2"), NOW)).reasons == (
+                Reason.REFUSAL_QUIET_PERIOD,
+            )
+    finally:
+        async with asyncio.timeout(5):
+            await ledger.close()
+
+
+async def test_closing_the_ledger_returns_the_kept_connections(database_url: str) -> None:
+    ledger = await Ledger.connect(database_url, min_size=1, max_size=4)
+    await legal_setup(ledger)
+    assert all(d.allowed for d in await decide_consenting_at_once(ledger, 8))
+    async with asyncio.timeout(5):  # asyncpg waits for every acquired connection to come back
+        await ledger.close()
+    assert ledger.pool.get_size() == 0

@@ -1031,9 +1031,9 @@ class ClientSession:
             call_key=call_key,
         )
         try:
-            decision = await asyncio.wait_for(
-                gate.guard.decide(attempt, gate.clock()), gate.guard.timeout + 2
-            )
+            # A timeout scope, not wait_for, which on Python 3.11 wraps the decision in a task of its own.
+            async with asyncio.timeout(gate.guard.timeout + 2):
+                decision = await gate.guard.decide(attempt, gate.clock())
         except Exception:
             log.exception("decision failed: blocking the Originate")
             text = f"Originate blocked by pbxguard: {Reason.STORE_UNAVAILABLE}"

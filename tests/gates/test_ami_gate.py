@@ -38,7 +38,7 @@ from pbxguard.gates.ami_proxy import (
 from pbxguard.guard import Guard
 from pbxguard.ledger.store import Ledger
 from pbxguard.monitor import CallTracker, Feedback, Outcome, outcome_for
-from pbxguard.policy.model import Campaign, Decision
+from pbxguard.policy.model import CallAttempt, Campaign, Decision
 from pbxguard.policy.settings import PolicySettings
 from pbxguard.protocols.ami import Message, encode, md5_challenge_key
 
@@ -310,6 +310,30 @@ async def test_store_unavailable_blocks(make_gate: GateFactory, fake: FakeAsteri
     c = await AmiTestClient.login(*gate.address, USER, SECRET)
     c.send(originate(action_id="db"))
     response = await c.response("db")
+    assert response.get("Response") == "Error"
+    assert "STORE_UNAVAILABLE" in (response.get("Message") or "")
+    assert fake.originates == []
+    await c.close()
+
+
+class StuckGuard(Guard):
+    """A guard whose decision never comes back (a wedged ledger driver, say)."""
+
+    async def decide(self, attempt: CallAttempt, now: datetime, *, reserve: bool = True) -> Decision:
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+
+async def test_a_stuck_guard_blocks_the_originate_within_its_bound(
+    make_gate: GateFactory, fake: FakeAsterisk
+) -> None:
+    gate = await make_gate(guard=StuckGuard(None, PolicySettings(), Mode.ENFORCE, timeout=0.1))
+    c = await AmiTestClient.login(*gate.address, USER, SECRET)
+    started = time.monotonic()
+    c.send(originate(action_id="stuck"))
+    response = await c.response("stuck")
+    elapsed = time.monotonic() - started
+    assert 2.0 <= elapsed < 3.0  # the guard's timeout plus the gate's 2 s of reserve
     assert response.get("Response") == "Error"
     assert "STORE_UNAVAILABLE" in (response.get("Message") or "")
     assert fake.originates == []

@@ -488,25 +488,46 @@ class UpstreamLink:
                 self._dispatch(item)
         backlog.clear()
 
-        silent = False
-        while True:
-            try:
-                async with asyncio.timeout(self._keepalive):
-                    data = await reader.read(262144)
-            except TimeoutError:
-                if silent:
-                    raise ConnectionError(
-                        f"no answer from Asterisk for {2 * self._keepalive:.0f} s"
-                    ) from None
-                silent = True
+        # One timer watches for silence, not a timeout scope around every read: Asterisk sends the
+        # dozen events of an Originate in about as many reads.
+        heard = loop.time()
+        pinged = False
+        silenced = False
+        watchdog: asyncio.TimerHandle | None = None
+
+        def watch() -> None:
+            nonlocal pinged, silenced, watchdog
+            now = loop.time()
+            if now < heard + self._keepalive:
+                watchdog = loop.call_at(heard + self._keepalive, watch)
+            elif not pinged:
+                pinged = True
                 writer.write(encode(Message.action("Ping", ActionID=self._internal_id())))
-                continue
-            silent = False
-            if not data:
-                return
-            for item in parser.feed(data):
-                if isinstance(item, Message):
-                    self._dispatch(item)
+                watchdog = loop.call_at(now + self._keepalive, watch)
+            else:
+                silenced = True
+                writer.transport.abort()  # ends the read below
+
+        watchdog = loop.call_at(heard + self._keepalive, watch)
+        try:
+            while True:
+                try:
+                    data = await reader.read(262144)
+                except OSError:
+                    if not silenced:
+                        raise
+                    data = b""
+                if silenced:
+                    raise ConnectionError(f"no answer from Asterisk for {2 * self._keepalive:.0f} s")
+                if not data:
+                    return
+                heard = loop.time()
+                pinged = False
+                for item in parser.feed(data):
+                    if isinstance(item, Message):
+                        self._dispatch(item)
+        finally:
+            watchdog.cancel()
 
     def _dispatch(self, message: Message) -> None:
         kind, name = message.server_kind

@@ -28,10 +28,12 @@ from pbxguard.config import (
 )
 from pbxguard.gates.ami_proxy import (
     LINK_LOST,
+    LINK_PREFIX,
     NOT_CONNECTED,
     ActionRouter,
     AmiGate,
     Pending,
+    UpstreamLink,
     blocked_message,
     with_token,
 )
@@ -690,6 +692,71 @@ async def test_synchronous_originate_is_answered_when_the_call_is(
 
 
 # -- upstream supervision ---------------------------------------------------------------------------
+
+
+def link_to(fake: FakeAsterisk, keepalive: float) -> UpstreamLink:
+    return UpstreamLink(
+        fake.host,
+        fake.port,
+        fake.username,
+        fake.secret,
+        on_message=lambda message: None,
+        on_state=lambda up: None,
+        reconnect_min=0.02,
+        reconnect_max=0.05,
+        boot_grace=0.1,
+        keepalive=keepalive,
+    )
+
+
+def link_pings(fake: FakeAsterisk) -> list[Message]:
+    return [a for a in fake.actions_named("Ping") if (a.action_id or "").startswith(LINK_PREFIX)]
+
+
+async def test_a_silent_asterisk_is_pinged_then_dropped_and_dialled_again(
+    fake: FakeAsterisk, caplog: pytest.LogCaptureFixture
+) -> None:
+    fake.held_actions = {"ping"}  # alive at the TCP level, answering nothing
+    link = link_to(fake, keepalive=0.3)
+    await link.start()
+    try:
+        await until(lambda: link.ready)
+        logged_in = time.monotonic()
+        await until(lambda: len(link_pings(fake)) == 1)
+        pinged = time.monotonic()
+        assert pinged - logged_in >= 0.25  # a ping only after keepalive seconds of silence
+        await until(lambda: fake.logins == 2)
+        assert time.monotonic() - pinged >= 0.25  # dropped only once the ping went unanswered as long
+        assert any("no answer from Asterisk for 1 s" in r.getMessage() for r in caplog.records)
+        await until(lambda: link.ready)
+    finally:
+        await link.stop()
+
+
+async def test_an_asterisk_that_answers_its_pings_keeps_the_link(fake: FakeAsterisk) -> None:
+    link = link_to(fake, keepalive=0.15)
+    await link.start()
+    try:
+        await until(lambda: link.ready)
+        await until(lambda: len(link_pings(fake)) >= 4)
+        assert fake.logins == 1 and link.ready
+    finally:
+        await link.stop()
+
+
+async def test_events_keep_a_link_from_pinging(fake: FakeAsterisk) -> None:
+    link = link_to(fake, keepalive=0.3)
+    await link.start()
+    try:
+        await until(lambda: link.ready)
+        for _ in range(10):
+            fake.emit(
+                Message.event("DeviceStateChange", Privilege="call,all", Device="Local/x", State="INUSE")
+            )
+            await asyncio.sleep(0.1)
+        assert link_pings(fake) == [] and fake.logins == 1
+    finally:
+        await link.stop()
 
 
 async def test_asterisk_restart_no_queueing_no_replay(

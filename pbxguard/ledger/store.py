@@ -157,6 +157,8 @@ class Ledger:
         self._in_flight = 0
         # Connections the decisions keep between round trips, with the loop time each was last used.
         self._held: list[tuple[asyncpg.Connection, float]] = []
+        self._held_sweep: asyncio.TimerHandle | None = None
+        self._closing = False
         self.decide_concurrency = DECIDE_CONCURRENCY
         self.decide_batch_max = DECIDE_BATCH_MAX
         # A batch that the database has not answered by then fails its decisions (they block).
@@ -198,6 +200,10 @@ class Ledger:
         return ledger
 
     async def close(self) -> None:
+        self._closing = True  # a decision that ends from now on gives its connection back
+        if self._held_sweep is not None:
+            self._held_sweep.cancel()
+            self._held_sweep = None
         for task in list(self._batches):
             task.cancel()
         if self._batches:
@@ -248,10 +254,10 @@ class Ledger:
         conn: asyncpg.Connection | None = None
         while self._held:
             held, used = self._held.pop()
-            if loop.time() - used < HELD_IDLE_SECONDS and not held.is_closed():
+            if loop.time() - used < HELD_IDLE_SECONDS and _usable(held):
                 conn = held
                 break
-            await self._release_quietly(held)
+            self._release_later(held)
         try:
             if conn is None:
                 conn = await self.pool.acquire()
@@ -264,13 +270,32 @@ class Ledger:
                 await self.pool.release(conn)
                 raise
             # Never the whole pool: the sealer, the API and the CRM writes need connections too.
-            if len(self._held) < min(self.decide_concurrency, self.pool.get_max_size() - 1):
+            if not self._closing and len(self._held) < min(
+                self.decide_concurrency, self.pool.get_max_size() - 1
+            ):
                 self._held.append((conn, loop.time()))
+                if self._held_sweep is None:
+                    self._held_sweep = loop.call_later(HELD_IDLE_SECONDS, self._sweep_held)
             else:
                 await self.pool.release(conn)
         except _UNREACHABLE as exc:
             raise StoreError(f"ledger unavailable: {exc}") from None
         return result
+
+    def _sweep_held(self) -> None:
+        """Gives back the kept connections unused for HELD_IDLE_SECONDS, whether or not calls come.
+
+        Kept, a connection escapes the pool's own idle timeout; overnight, with no call to decide,
+        it would otherwise wait for the morning's first decision on a link nobody has tried since.
+        The list is in the order the connections were last used, the oldest first.
+        """
+        self._held_sweep = None
+        loop = asyncio.get_running_loop()
+        stale_before = loop.time() - HELD_IDLE_SECONDS
+        while self._held and self._held[0][1] <= stale_before:
+            self._release_later(self._held.pop(0)[0])
+        if self._held:
+            self._held_sweep = loop.call_at(self._held[0][1] + HELD_IDLE_SECONDS, self._sweep_held)
 
     def _release_later(self, conn: asyncpg.Connection) -> None:
         task = asyncio.get_running_loop().create_task(self._release_quietly(conn))
@@ -823,6 +848,15 @@ class DecisionFilter:
             args.append(self.reason)
             clauses.append(f"${len(args)} = ANY (reasons)")
         return clauses
+
+
+def _usable(conn: asyncpg.Connection) -> bool:
+    """False once asyncpg has seen the connection closed (by the server, say): it then detaches it
+    from the pool's proxy, whose methods raise InterfaceError from that moment."""
+    try:
+        return not conn.is_closed()
+    except asyncpg.InterfaceError:
+        return False
 
 
 async def _keep_session(conn: asyncpg.Connection) -> None:

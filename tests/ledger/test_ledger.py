@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import dataclasses
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, date, datetime, timedelta
 from zoneinfo import ZoneInfo
 
@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 from pbxguard.config import Mode
 from pbxguard.guard import Guard, consumer_key
+from pbxguard.ledger import store
 from pbxguard.ledger.migrate import Migration, MigrationError, bundled, migrate
 from pbxguard.ledger.store import DecideRequest, Ledger
 from pbxguard.policy import rules
@@ -628,21 +629,74 @@ async def test_decisions_keep_one_connection_between_round_trips(ledger: Ledger)
     assert ledger.pool.get_size() - idle == 1
 
 
-async def test_a_connection_killed_between_decisions_costs_one_blocked_call(ledger: Ledger) -> None:
+async def test_a_connection_the_server_closed_is_not_used_again(ledger: Ledger, database_url: str) -> None:
     await legal_setup(ledger)
     guard = Guard(ledger, timeout=2.0)
     assert (await guard.decide(attempt(key="k1"), NOW)).allowed
-    async with ledger.pool.acquire() as conn:
-        killed = await conn.fetchval(
+    idle = ledger.pool.get_idle_size()
+    admin = await asyncpg.connect(database_url)  # not from the pool, whose counts the test reads
+    try:
+        killed = await admin.fetchval(
             "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
             " WHERE datname = current_database() AND pid <> pg_backend_pid() AND query LIKE '%decide(%'"
         )
+    finally:
+        await admin.close()
     assert killed == 1
-    first = await guard.decide(attempt(key="k2"), NOW)
-    assert first.reasons == (Reason.STORE_UNAVAILABLE,) and not first.permits_call
-    second = await guard.decide(attempt(key="k3"), NOW)
-    assert second.allowed
+    # asyncpg hands a connection it has seen closed back to the pool, which reconnects it.
+    await until_true(lambda: ledger.pool.get_idle_size() == idle + 1)
+    assert (await guard.decide(attempt(key="k2"), NOW)).allowed
     assert await ledger.attempts_count(NUMBER, "ACME") == 2
+
+
+async def until_true(predicate: Callable[[], bool], within: float = 5.0) -> None:
+    async with asyncio.timeout(within):
+        while not predicate():  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+
+
+async def test_kept_connections_go_back_to_the_pool_when_calls_stop(
+    ledger: Ledger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(store, "HELD_IDLE_SECONDS", 0.3)
+    await legal_setup(ledger)
+    assert (await Guard(ledger).decide(attempt(key="k1"), NOW)).allowed
+    assert ledger.pool.get_size() - ledger.pool.get_idle_size() == 1
+    # No decision comes after it: the connection goes back anyway, to the pool's own idle timeout.
+    await until_true(lambda: ledger.pool.get_size() == ledger.pool.get_idle_size())
+
+
+async def test_closing_waits_for_a_decision_under_way_and_does_not_keep_its_connection(
+    database_url: str,
+) -> None:
+    ledger = await Ledger.connect(database_url, min_size=1, max_size=4)
+    await legal_setup(ledger)
+    blocker = await asyncpg.connect(database_url)
+    try:
+        lock = blocker.transaction()
+        await lock.start()
+        # The lock decide() takes for this consumer and order giver: the decision waits on it.
+        await blocker.execute(
+            "SELECT pg_advisory_xact_lock(hashtextextended($1 || chr(31) || $2, 0))", NUMBER, "ACME"
+        )
+        decision = asyncio.create_task(Guard(ledger, timeout=10).decide(attempt(key="k1"), NOW))
+        waiting = (
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%decide(%'"
+        )
+        async with asyncio.timeout(5):
+            while not await blocker.fetchval(waiting):
+                # Inside a transaction, pg_stat_activity is read once unless told otherwise.
+                await blocker.execute("SELECT pg_stat_clear_snapshot()")
+                await asyncio.sleep(0.01)
+        closing = asyncio.create_task(ledger.close())
+        await asyncio.sleep(0.1)
+        await lock.commit()
+        assert (await decision).allowed
+        async with asyncio.timeout(5):  # asyncpg waits for every acquired connection to come back
+            await closing
+        assert ledger.pool.get_size() == 0
+    finally:
+        await blocker.close()
 
 
 async def test_a_pool_of_one_is_not_kept_by_the_decisions(database_url: str) -> None:

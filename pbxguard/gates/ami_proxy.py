@@ -108,6 +108,8 @@ NOT_CONNECTED: Final = "pbxguard: Asterisk is not connected"
 LINK_LOST: Final = "pbxguard: connection to Asterisk lost, outcome unknown"
 NO_RESPONSE: Final = "pbxguard: no response from Asterisk, outcome unknown"
 PREFIX: Final = "pbxg-"
+# How long a link that has not answered its Ping is given for an answer already on its way.
+_SILENCE_GRACE: Final = 0.05
 LINK_PREFIX: Final = "pbxg-link-"  # pbxguard's own actions (login, keepalive) on the upstream link
 
 # Answered here, never forwarded: they change the state of the session that sends them.
@@ -491,19 +493,27 @@ class UpstreamLink:
         # One timer watches for silence, not a timeout scope around every read: Asterisk sends the
         # dozen events of an Originate in about as many reads.
         heard = loop.time()
-        pinged = False
+        pinged_at: float | None = None
         silenced = False
         watchdog: asyncio.TimerHandle | None = None
 
         def watch() -> None:
-            nonlocal pinged, silenced, watchdog
+            nonlocal pinged_at, watchdog
             now = loop.time()
             if now < heard + self._keepalive:
                 watchdog = loop.call_at(heard + self._keepalive, watch)
-            elif not pinged:
-                pinged = True
+            elif pinged_at is None:
+                pinged_at = now
                 writer.write(encode(Message.action("Ping", ActionID=self._internal_id())))
                 watchdog = loop.call_at(now + self._keepalive, watch)
+            else:
+                # Not at once: an answer that came in with this timer is read on a later turn.
+                watchdog = loop.call_later(_SILENCE_GRACE, confirm)
+
+        def confirm() -> None:
+            nonlocal silenced
+            if pinged_at is None:  # heard from Asterisk meanwhile
+                watch()
             else:
                 silenced = True
                 writer.transport.abort()  # ends the read below
@@ -522,7 +532,7 @@ class UpstreamLink:
                 if not data:
                     return
                 heard = loop.time()
-                pinged = False
+                pinged_at = None
                 for item in parser.feed(data):
                     if isinstance(item, Message):
                         self._dispatch(item)

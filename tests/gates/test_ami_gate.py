@@ -717,16 +717,17 @@ async def test_a_silent_asterisk_is_pinged_then_dropped_and_dialled_again(
     fake: FakeAsterisk, caplog: pytest.LogCaptureFixture
 ) -> None:
     fake.held_actions = {"ping"}  # alive at the TCP level, answering nothing
-    link = link_to(fake, keepalive=0.3)
+    link = link_to(fake, keepalive=0.5)
     await link.start()
     try:
         await until(lambda: link.ready)
         logged_in = time.monotonic()
         await until(lambda: len(link_pings(fake)) == 1)
         pinged = time.monotonic()
-        assert pinged - logged_in >= 0.25  # a ping only after keepalive seconds of silence
+        # Margins for a loaded machine: each instant is seen by a poll that may come late.
+        assert pinged - logged_in >= 0.3  # a ping only after keepalive seconds of silence
         await until(lambda: fake.logins == 2)
-        assert time.monotonic() - pinged >= 0.25  # dropped only once the ping went unanswered as long
+        assert time.monotonic() - pinged >= 0.3  # dropped only once the ping went unanswered as long
         assert any("no answer from Asterisk for 1 s" in r.getMessage() for r in caplog.records)
         await until(lambda: link.ready)
     finally:
@@ -734,26 +735,26 @@ async def test_a_silent_asterisk_is_pinged_then_dropped_and_dialled_again(
 
 
 async def test_an_asterisk_that_answers_its_pings_keeps_the_link(fake: FakeAsterisk) -> None:
-    link = link_to(fake, keepalive=0.15)
+    link = link_to(fake, keepalive=0.5)
     await link.start()
     try:
         await until(lambda: link.ready)
-        await until(lambda: len(link_pings(fake)) >= 4)
+        await until(lambda: len(link_pings(fake)) >= 3, within=10)
         assert fake.logins == 1 and link.ready
     finally:
         await link.stop()
 
 
 async def test_events_keep_a_link_from_pinging(fake: FakeAsterisk) -> None:
-    link = link_to(fake, keepalive=0.3)
+    link = link_to(fake, keepalive=1.0)
     await link.start()
     try:
         await until(lambda: link.ready)
-        for _ in range(10):
+        for _ in range(12):
             fake.emit(
                 Message.event("DeviceStateChange", Privilege="call,all", Device="Local/x", State="INUSE")
             )
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(0.2)
         assert link_pings(fake) == [] and fake.logins == 1
     finally:
         await link.stop()

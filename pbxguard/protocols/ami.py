@@ -99,15 +99,19 @@ class Message:
     def get(self, key: str, default: str | None = None) -> str | None:
         """First value of ``key`` (ASCII case-insensitive), as received; ``default`` when absent."""
         k = _fold(key)
+        size = len(k)
         for hk, hv in self.headers:
-            if _fold(hk) == k:
+            # Folding keeps an ASCII key's length, and a non-ASCII key is compared as it is: only a
+            # key of the same length can match, which spares folding nearly every other one.
+            if len(hk) == size and (hk == key or _fold(hk) == k):
                 return hv
         return default
 
     def get_all(self, key: str) -> list[str]:
         """Every value of ``key`` (ASCII case-insensitive), in wire order."""
         k = _fold(key)
-        return [hv for hk, hv in self.headers if _fold(hk) == k]
+        size = len(k)
+        return [hv for hk, hv in self.headers if len(hk) == size and (hk == key or _fold(hk) == k)]
 
     def effective(self, key: str) -> str | None:
         """The value Asterisk's ``astman_get_header`` sees: first match, leading blanks skipped.
@@ -179,10 +183,11 @@ class Message:
         """A copy where every ``key`` header is replaced by one ``key: value`` at the place of the first
         (keeping the original spelling of the key); appended when ``key`` is absent."""
         k = _fold(key)
+        size = len(k)
         out: list[tuple[str, str]] = []
         done = False
         for hk, hv in self.headers:
-            if _fold(hk) == k:
+            if len(hk) == size and (hk == key or _fold(hk) == k):
                 if not done:
                     out.append((hk, value))
                     done = True
@@ -195,7 +200,10 @@ class Message:
     def without(self, key: str) -> Message:
         """A copy without any ``key`` header."""
         k = _fold(key)
-        return Message(tuple((hk, hv) for hk, hv in self.headers if _fold(hk) != k))
+        size = len(k)
+        return Message(
+            tuple((hk, hv) for hk, hv in self.headers if len(hk) != size or (hk != key and _fold(hk) != k))
+        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -93,6 +93,45 @@ def test_message_lookups_are_case_insensitive_and_keep_order() -> None:
     assert ORIGINATE.headers[0] == ("Action", "Originate")
 
 
+# Keys that fold into one another, or look as if they should: Asterisk folds ASCII only, so the
+# KELVIN SIGN (U+212A) is not a "k", the dotted capital I (U+0130) not an "i", ß not "ss".
+_KEYS = st.sampled_from(
+    [
+        "ActionID",
+        "actionid",
+        "ACTIONID",
+        "ActionI",
+        "Link",
+        "LINK",
+        "Lin\u212a",
+        "\u0130D",
+        "id",
+        "ß",
+        "SS",
+        "",
+    ]
+)
+
+
+@given(headers=st.lists(st.tuples(_KEYS, st.sampled_from(["a", "b", ""])), max_size=8), key=_KEYS)
+def test_lookups_match_folding_every_key(headers: list[tuple[str, str]], key: str) -> None:
+    """The lookups skip keys of another length; they must find exactly what folding every key finds."""
+
+    def fold(text: str) -> str:
+        return text.lower() if text.isascii() else text
+
+    message = Message(tuple(headers))
+    same = [value for name, value in headers if fold(name) == fold(key)]
+    assert message.get(key, "absent") == (same[0] if same else "absent")
+    assert message.get_all(key) == same
+    assert message.without(key).headers == tuple((n, v) for n, v in headers if fold(n) != fold(key))
+    replaced = message.replace(key, "new").headers
+    assert [v for n, v in replaced if fold(n) == fold(key)] == ["new"]
+    assert [(n, v) for n, v in replaced if fold(n) != fold(key)] == [
+        (n, v) for n, v in headers if fold(n) != fold(key)
+    ]
+
+
 def test_message_kind_and_action_id() -> None:
     assert ORIGINATE.kind == ("action", "Originate")
     assert HANGUP_EVENT.kind == ("event", "Hangup")

@@ -244,8 +244,8 @@ class Ledger:
         except _UNREACHABLE as exc:
             raise StoreError(f"ledger unavailable: {exc}") from None
 
-    async def _decision_query(self, sql: str, args: Sequence[Any], *, many: bool) -> Any:
-        """`fetch` (many) or `fetchrow` of a decision statement on a connection the decisions keep.
+    async def _decision_query(self, args: Sequence[Any], *, many: bool) -> Any:
+        """DECIDE_BATCH_SQL's rows (many) or DECIDE_SQL's row, on a connection the decisions keep.
 
         Failures are handled as `_conn` handles them: the connection goes back to the pool, which
         resets or discards it, and the next decision takes a fresh one.
@@ -262,7 +262,10 @@ class Ledger:
             if conn is None:
                 conn = await self.pool.acquire()
             try:
-                result = await (conn.fetch(sql, *args) if many else conn.fetchrow(sql, *args))
+                if many:
+                    result = await conn.fetch(DECIDE_BATCH_SQL, *args)
+                else:
+                    result = await conn.fetchrow(DECIDE_SQL, *args)
             except asyncio.CancelledError:
                 self._release_later(conn)  # see _conn
                 raise
@@ -332,7 +335,7 @@ class Ledger:
         return await future
 
     async def _decide_one(self, request: DecideRequest) -> asyncpg.Record:
-        row = await self._decision_query(DECIDE_SQL, request.args(), many=False)
+        row = await self._decision_query(request.args(), many=False)
         assert row is not None
         return row
 
@@ -399,7 +402,7 @@ class Ledger:
 
     async def _decide_sorted(self, requests: list[DecideRequest]) -> list[asyncpg.Record | BaseException]:
         try:
-            rows = await self._decision_query(DECIDE_BATCH_SQL, batch_args(requests), many=True)
+            rows = await self._decision_query(batch_args(requests), many=True)
         except asyncpg.PostgresError:
             # One decision's error (or a deadlock) must not fail the others: each goes alone, and
             # only those that fail again report it.

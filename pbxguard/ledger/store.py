@@ -264,9 +264,9 @@ class Ledger:
         """
         loop = asyncio.get_running_loop()
         conn: asyncpg.Connection | None = None
-        while self._held:
-            held, used = self._held.pop()
-            if loop.time() - used < HELD_IDLE_SECONDS and _usable(held):
+        while self._held:  # the idle ones are given back by _sweep_held
+            held, _ = self._held.pop()
+            if _usable(held):
                 conn = held
                 break
             self._release_later(held)

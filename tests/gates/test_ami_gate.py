@@ -6,6 +6,7 @@ Every test is bounded: waits are on events with timeouts, never on fixed sleeps.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import socket
 import time
@@ -694,8 +695,10 @@ async def test_synchronous_originate_is_answered_when_the_call_is(
 # -- upstream supervision ---------------------------------------------------------------------------
 
 
-def link_to(fake: FakeAsterisk, keepalive: float) -> UpstreamLink:
-    return UpstreamLink(
+@contextlib.asynccontextmanager
+async def running_link(fake: FakeAsterisk, keepalive: float) -> AsyncIterator[UpstreamLink]:
+    """pbxguard's own link to the fake Asterisk, logged in, stopped on the way out."""
+    link = UpstreamLink(
         fake.host,
         fake.port,
         fake.username,
@@ -707,6 +710,12 @@ def link_to(fake: FakeAsterisk, keepalive: float) -> UpstreamLink:
         boot_grace=0.1,
         keepalive=keepalive,
     )
+    await link.start()
+    try:
+        await until(lambda: link.ready)
+        yield link
+    finally:
+        await link.stop()
 
 
 def link_pings(fake: FakeAsterisk) -> list[Message]:
@@ -717,10 +726,7 @@ async def test_a_silent_asterisk_is_pinged_then_dropped_and_dialled_again(
     fake: FakeAsterisk, caplog: pytest.LogCaptureFixture
 ) -> None:
     fake.held_actions = {"ping"}  # alive at the TCP level, answering nothing
-    link = link_to(fake, keepalive=0.5)
-    await link.start()
-    try:
-        await until(lambda: link.ready)
+    async with running_link(fake, keepalive=0.5) as link:
         logged_in = time.monotonic()
         await until(lambda: len(link_pings(fake)) == 1)
         pinged = time.monotonic()
@@ -730,34 +736,22 @@ async def test_a_silent_asterisk_is_pinged_then_dropped_and_dialled_again(
         assert time.monotonic() - pinged >= 0.3  # dropped only once the ping went unanswered as long
         assert any("no answer from Asterisk for 1 s" in r.getMessage() for r in caplog.records)
         await until(lambda: link.ready)
-    finally:
-        await link.stop()
 
 
 async def test_an_asterisk_that_answers_its_pings_keeps_the_link(fake: FakeAsterisk) -> None:
-    link = link_to(fake, keepalive=0.5)
-    await link.start()
-    try:
-        await until(lambda: link.ready)
+    async with running_link(fake, keepalive=0.5) as link:
         await until(lambda: len(link_pings(fake)) >= 3, within=10)
         assert fake.logins == 1 and link.ready
-    finally:
-        await link.stop()
 
 
 async def test_events_keep_a_link_from_pinging(fake: FakeAsterisk) -> None:
-    link = link_to(fake, keepalive=1.0)
-    await link.start()
-    try:
-        await until(lambda: link.ready)
+    async with running_link(fake, keepalive=1.0):
         for _ in range(12):
             fake.emit(
                 Message.event("DeviceStateChange", Privilege="call,all", Device="Local/x", State="INUSE")
             )
             await asyncio.sleep(0.2)
         assert link_pings(fake) == [] and fake.logins == 1
-    finally:
-        await link.stop()
 
 
 async def test_asterisk_restart_no_queueing_no_replay(

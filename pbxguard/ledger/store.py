@@ -23,6 +23,7 @@ from typing import Any, Final
 
 import asyncpg
 
+from pbxguard.ledger import journal
 from pbxguard.ledger.migrate import migrate
 from pbxguard.ledger.pgcluster import LocalCluster
 from pbxguard.policy.model import Campaign, Purpose, Sector
@@ -704,7 +705,9 @@ class Ledger:
     async def decision(self, decision_id: uuid.UUID) -> asyncpg.Record | None:
         async with self._conn() as conn:
             row: asyncpg.Record | None = await conn.fetchrow(
-                "SELECT * FROM pbxguard.decisions WHERE id = $1", decision_id
+                "SELECT * FROM pbxguard.decisions d LEFT JOIN pbxguard.journal_chain c USING (consumer, id)"
+                " WHERE d.id = $1",
+                decision_id,
             )
         return row
 
@@ -758,7 +761,7 @@ class Ledger:
             clauses.append(f"(decided_at, id) < (${len(args) - 1}, ${len(args)})")
         args.append(limit)
         sql = (
-            "SELECT * FROM pbxguard.decisions WHERE "
+            "SELECT * FROM pbxguard.decisions LEFT JOIN pbxguard.journal_chain USING (consumer, id) WHERE "
             + " AND ".join(clauses)
             + f" ORDER BY decided_at DESC, id DESC LIMIT ${len(args)}"
         )
@@ -800,21 +803,11 @@ class Ledger:
         return [str(row["name"]) for row in rows]
 
     async def journal_unsealed(self) -> int | None:
-        """Journal rows not yet sealed into the hash chain (`seq IS NULL`); None before that column exists."""
+        """Decisions waiting for the sealer; None before the journal's chain table exists."""
         async with self._conn() as conn:
-            has_seq = await conn.fetchval(
-                """
-                SELECT true FROM information_schema.columns
-                 WHERE table_schema = 'pbxguard' AND table_name = 'decisions' AND column_name = $1
-                """,
-                "seq",
-            )
-            if not has_seq:
+            if await conn.fetchval("SELECT to_regclass('pbxguard.journal_chain') IS NULL"):
                 return None
-            value = await conn.fetchval(
-                "SELECT count(*) FROM pbxguard.decisions WHERE seq IS NULL", timeout=5
-            )
-        return int(value)
+            return await journal.unsealed(conn)
 
 
 @dataclass(frozen=True, slots=True)

@@ -111,17 +111,20 @@ def entry_hash(previous: bytes, row: asyncpg.Record | dict[str, Any], key: bytes
 # transaction ids mean nothing here: then from the start.  It travels as a parameter, not as a
 # subquery, so that the planner knows how few rows lie above it: with an unknown bound it plans for a
 # third of the journal and hashes the whole chain for the anti-join.
-_SINCE = "CASE WHEN sealed_below <= pg_snapshot_xmax(pg_current_snapshot()) THEN sealed_below ELSE '0' END"
-# The head, the bound, and this seal's horizon: every transaction below the snapshot's xmin has ended,
-# so every decision they committed is visible from here on and none can still commit behind the head.
+_FOREIGN = "(sealed_below IS NULL OR sealed_below > pg_snapshot_xmax(pg_current_snapshot()))"
+_SINCE = f"CASE WHEN {_FOREIGN} THEN '0' ELSE sealed_below END"
+# The last link and the newest checkpoint (the same seq, unless one was deleted), the bounds, and
+# this seal's horizon: every transaction below the snapshot's xmin has ended, so every decision they
+# committed is visible from here on and none can still commit behind the head.
 _HEAD_SQL = f"""
-SELECT h.seq, h.entry_hash, coalesce(h.since, '0') AS since, h.foreign_horizon,
-       pg_snapshot_xmin(pg_current_snapshot()) AS horizon
+SELECT l.seq AS link_seq, l.entry_hash AS link_hash, k.seq AS checkpoint_seq, k.entry_hash AS checkpoint_hash,
+       coalesce(k.since, '0') AS since, coalesce(k.foreign_horizon, true) AS foreign_horizon,
+       coalesce(k.restored_below, '0') AS restored_below, pg_snapshot_xmin(pg_current_snapshot()) AS horizon
   FROM (SELECT 1) AS one
-  LEFT JOIN (SELECT seq, entry_hash, {_SINCE} AS since,
-                    sealed_below IS NULL OR sealed_below > pg_snapshot_xmax(pg_current_snapshot())
-                    AS foreign_horizon
-               FROM pbxguard.journal_checkpoints ORDER BY seq DESC LIMIT 1) AS h ON true
+  LEFT JOIN (SELECT seq, entry_hash FROM pbxguard.journal_chain ORDER BY seq DESC LIMIT 1) AS l ON true
+  LEFT JOIN (SELECT seq, entry_hash, {_SINCE} AS since, {_FOREIGN} AS foreign_horizon,
+                    CASE WHEN {_FOREIGN} THEN NULL ELSE restored_below END AS restored_below
+               FROM pbxguard.journal_checkpoints ORDER BY seq DESC LIMIT 1) AS k ON true
 """
 # A seal's plans are made for its own bounds: its prepared statements must not fall back to generic
 # plans, which know neither.  And the pending decisions come in the index's order, never sorted: with
@@ -144,24 +147,30 @@ SELECT d.xid, {_CHAINED_COLUMNS}
 # A visible row at or above the snapshot's xmax that is not this transaction's own was written under
 # another cluster's counter (pg_dump restored into a younger cluster): its transaction ended there,
 # and waiting for this counter to reach it could leave it unsealed for millions of transactions.
+# Below the restored bound, such rows are all linked already: not read again at every seal.
 _RESTORED_SQL = f"""
 SELECT d.xid, {_CHAINED_COLUMNS}
   FROM pbxguard.decisions d
- WHERE d.xid >= pg_snapshot_xmax(pg_current_snapshot())
+ WHERE d.xid >= greatest(pg_snapshot_xmax(pg_current_snapshot()), $1)
    AND d.xid IS DISTINCT FROM pg_current_xact_id_if_assigned()
    AND NOT EXISTS (SELECT 1 FROM pbxguard.journal_chain c WHERE c.consumer = d.consumer AND c.id = d.id)
  ORDER BY d.xid
- LIMIT $1
+ LIMIT $2
+"""
+_NEWEST_RESTORED_SQL = """
+SELECT max(xid) FROM pbxguard.decisions WHERE xid >= pg_snapshot_xmax(pg_current_snapshot())
 """
 _LINK_SQL = """
 INSERT INTO pbxguard.journal_chain (seq, consumer, id, prev_hash, entry_hash)
 SELECT * FROM unnest($1::bigint[], $2::text[], $3::uuid[], $4::bytea[], $5::bytea[])
 """
+# With no link added, only the bounds change (a read from the start, or past restored rows): they
+# are recorded against the head, or every seal would read the same rows again.
 _CHECKPOINT_SQL = """
-INSERT INTO pbxguard.journal_checkpoints (seq, entry_hash, rows, sealed_below) VALUES ($1, $2, $3, $4)
+INSERT INTO pbxguard.journal_checkpoints (seq, entry_hash, rows, sealed_below, restored_below)
+VALUES ($1, $2, $3, $4, $5)
+ON CONFLICT (seq) DO UPDATE SET sealed_below = excluded.sealed_below, restored_below = excluded.restored_below
 """
-# Only the horizon of the head's checkpoint, and only when it was another cluster's (or none).
-_RESET_HORIZON_SQL = "UPDATE pbxguard.journal_checkpoints SET sealed_below = $2 WHERE seq = $1"
 _SINCE_SQL = f"""
 SELECT coalesce((SELECT {_SINCE} FROM pbxguard.journal_checkpoints ORDER BY seq DESC LIMIT 1), '0')
 """
@@ -171,8 +180,8 @@ SELECT count(*) FROM pbxguard.decisions d
    AND NOT EXISTS (SELECT 1 FROM pbxguard.journal_chain c WHERE c.consumer = d.consumer AND c.id = d.id)
 """
 # Both counts from one snapshot: decisions outside the chain, and those of them the sealer will see.
-_OUTSIDE_SQL = """
-SELECT count(*) AS outside, count(*) FILTER (WHERE d.xid >= $1) AS unsealed
+_OUTSIDE_SQL = f"""
+SELECT count(*) AS outside, count(*) FILTER (WHERE d.xid >= ({_SINCE_SQL})) AS unsealed
   FROM pbxguard.decisions d
  WHERE NOT EXISTS (SELECT 1 FROM pbxguard.journal_chain c WHERE c.consumer = d.consumer AND c.id = d.id)
 """
@@ -184,19 +193,28 @@ async def seal(conn: asyncpg.Connection, key: bytes | None = None, batch: int = 
         if not (await conn.fetchrow(_LOCK_SQL, _SEAL_LOCK))[0]:
             return 0
         head = await conn.fetchrow(_HEAD_SQL)
-        seq = head["seq"] or 0
-        previous = GENESIS if head["entry_hash"] is None else bytes(head["entry_hash"])
+        seq, previous = 0, GENESIS
+        if head["link_seq"] is not None:
+            seq, previous = head["link_seq"], bytes(head["link_hash"])
+        if head["checkpoint_seq"] is not None and head["checkpoint_seq"] > seq:
+            # The chain's tail was cut: carry on after it, leaving the gap for verify to report.
+            seq, previous = head["checkpoint_seq"], bytes(head["checkpoint_hash"])
         rows = await conn.fetch(_PENDING_SQL, head["since"], head["horizon"], batch)
+        restored_below = head["restored_below"]
         if len(rows) == batch:
             # Some may be left of the last row's transaction, or between it and the horizon.
             sealed_below = rows[-1]["xid"]
         else:
             sealed_below = head["horizon"]
-            rows += await conn.fetch(_RESTORED_SQL, batch - len(rows))
+            restored = await conn.fetch(_RESTORED_SQL, restored_below, batch - len(rows))
+            if len(restored) == batch - len(rows):
+                restored_below = restored[-1]["xid"]
+            elif (newest := await conn.fetchval(_NEWEST_RESTORED_SQL)) is not None:
+                restored_below = newest + 1
+            rows += restored
         if not rows:
-            if head["foreign_horizon"]:
-                # Read from the start, once: record how far that went, or every seal would again.
-                await conn.execute(_RESET_HORIZON_SQL, seq, sealed_below)
+            if seq and (head["foreign_horizon"] or restored_below != head["restored_below"]):
+                await conn.execute(_CHECKPOINT_SQL, seq, previous, 0, sealed_below, restored_below)
             return 0
         seqs, consumers, ids, prevs, hashes = [], [], [], [], []
         for done, row in enumerate(rows, 1):
@@ -211,7 +229,7 @@ async def seal(conn: asyncpg.Connection, key: bytes | None = None, batch: int = 
             hashes.append(digest)
             previous = digest
         await conn.execute(_LINK_SQL, seqs, consumers, ids, prevs, hashes)
-        await conn.execute(_CHECKPOINT_SQL, seq, previous, len(rows), sealed_below)
+        await conn.execute(_CHECKPOINT_SQL, seq, previous, len(rows), sealed_below, restored_below)
     return len(rows)
 
 
@@ -266,6 +284,19 @@ async def verify(
             return result
         previous = bytes(anchor)
     expected = low + 1
+    upper = None
+    if until is not None:
+        # Links follow transaction ids, which need not follow the clock: the last one in the range,
+        # not the first one past it, ends the walk.
+        upper = await conn.fetchval(
+            """
+            SELECT coalesce(max(c.seq), 0)
+              FROM pbxguard.journal_chain c
+              JOIN pbxguard.decisions d ON d.consumer = c.consumer AND d.id = c.id
+             WHERE d.recorded_at <= $1
+            """,
+            until,
+        )
     checkpoints = {
         r["seq"]: bytes(r["entry_hash"])
         for r in await conn.fetch(
@@ -280,26 +311,26 @@ async def verify(
             break
         for row in rows:
             seq = row["seq"]
+            if upper is not None and seq > upper:
+                rows = []
+                break
             if row["id"] is None:
                 result.problems.append(
                     f"seq {seq}: decision {row['chained_id']} missing (deleted, or its number or id edited)"
                 )
                 return result
-            if until is not None and row["recorded_at"] > until:
-                rows = []
-                break
             if seq > expected:
                 result.problems.append(
                     f"seq {expected}: missing (deleted)" + (f" up to {seq - 1}" if seq - 1 > expected else "")
                 )
                 return result
-            if bytes(row["prev_hash"]) != previous:
+            if bytes(row["prev_hash"] or b"") != previous:
                 result.problems.append(
                     f"seq {seq}: chain broken (reordered, or the entry before it was altered)"
                 )
                 return result
             digest = entry_hash(previous, row, key)
-            if bytes(row["entry_hash"]) != digest:
+            if bytes(row["entry_hash"] or b"") != digest:
                 result.problems.append(f"seq {seq}: altered (decision {row['id']} does not match its hash)")
                 return result
             result.first_seq = result.first_seq or seq
@@ -320,8 +351,21 @@ async def verify(
         if seq in last_hash and last_hash[seq] != digest:
             result.problems.append(f"seq {seq}: does not match its checkpoint")
             break
-    async with conn.transaction(readonly=True, isolation="repeatable_read"):
-        counts = await conn.fetchrow(_OUTSIDE_SQL, await conn.fetchval(_SINCE_SQL))
+    if since is None and until is None and not result.problems:
+        links, newest_checkpoint = await conn.fetchrow(
+            "SELECT (SELECT count(*) FROM pbxguard.journal_chain), (SELECT max(seq) FROM pbxguard.journal_checkpoints)"
+        )
+        if links != result.checked:
+            result.problems.append(
+                f"{links - result.checked} link(s) outside the chain's numbering (seq below 1)"
+            )
+        elif result.last_seq is not None and (newest_checkpoint or 0) < result.last_seq:
+            # Each seal writes its links and its checkpoint together.
+            result.problems.append(
+                f"seq {(newest_checkpoint or 0) + 1}: after the last checkpoint (links added outside the"
+                " sealer, or a checkpoint deleted)"
+            )
+    counts = await conn.fetchrow(_OUTSIDE_SQL)
     result.unsealed = counts["unsealed"]
     if behind := counts["outside"] - counts["unsealed"]:
         # The sealer has passed them and never will link them: written behind its back, with an old

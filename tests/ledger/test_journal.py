@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import csv
 import io
 import json
 import uuid
+from collections.abc import AsyncIterator
 from datetime import UTC, date, datetime, timedelta
 from zoneinfo import ZoneInfo
 
@@ -158,6 +160,11 @@ async def test_rows_restored_from_another_cluster_are_sealed(ledger: Ledger) -> 
         assert await conn.fetchval("SELECT seq FROM pbxguard.journal_chain WHERE id = $1", restored) == 4
         result = await journal.verify(conn)
         assert result.ok and result.checked == 4, result.problems
+        # Linked, restored rows are not read again by every seal: the bound has passed them.
+        bound = await conn.fetchval(
+            "SELECT restored_below FROM pbxguard.journal_checkpoints ORDER BY seq DESC LIMIT 1"
+        )
+        assert bound > await conn.fetchval("SELECT xid FROM pbxguard.decisions WHERE id = $1", restored)
     finally:
         await ledger.pool.release(conn)
 
@@ -199,11 +206,11 @@ TAMPERING = {
     "delete a row": f"DELETE FROM pbxguard.decisions d USING {_LINK_5}",
     "delete a link": "DELETE FROM pbxguard.journal_chain WHERE seq = 5",
     "delete the last rows": "DELETE FROM pbxguard.journal_chain WHERE seq > 10",
-    "reorder two rows": "UPDATE pbxguard.journal_chain SET seq = -seq WHERE seq IN (5, 6);"
-    " UPDATE pbxguard.journal_chain SET seq = CASE seq WHEN -5 THEN 6 ELSE 5 END WHERE seq < 0",
+    "reorder two rows": "UPDATE pbxguard.journal_chain SET seq = seq + 1000 WHERE seq IN (5, 6);"
+    " UPDATE pbxguard.journal_chain SET seq = CASE seq WHEN 1005 THEN 6 ELSE 5 END WHERE seq > 1000",
     # Every link from 5 on moves up one, and a copy of decision 5 takes link 5 with its hashes.
-    "insert a row": "UPDATE pbxguard.journal_chain SET seq = -seq - 1 WHERE seq >= 5;"
-    " UPDATE pbxguard.journal_chain SET seq = -seq WHERE seq < 0;"
+    "insert a row": "UPDATE pbxguard.journal_chain SET seq = seq + 1001 WHERE seq >= 5;"
+    " UPDATE pbxguard.journal_chain SET seq = seq - 1000 WHERE seq > 1000;"
     " INSERT INTO pbxguard.decisions (consumer, id, decided_at, gate, campaign, caller_id, verdict, reasons)"
     f" SELECT d.consumer, {_COPY_ID}, d.decided_at, d.gate, d.campaign, d.caller_id, 'allow', '{{}}'"
     " FROM pbxguard.decisions d JOIN pbxguard.journal_chain c ON d.consumer = c.consumer AND d.id = c.id"
@@ -271,6 +278,8 @@ async def test_verify_a_time_range(ledger: Ledger) -> None:
         )
         result = await journal.verify(conn, since=middle)
         assert result.ok and result.first_seq == 4 and result.last_seq == 10
+        result = await journal.verify(conn, until=middle)
+        assert result.ok and result.first_seq == 1 and result.last_seq == 4
     finally:
         await ledger.pool.release(conn)
 
@@ -410,14 +419,17 @@ async def _seal_the_old_way(conn: asyncpg.Connection, upto: int) -> None:
     )
 
 
-async def test_the_chain_table_migration_keeps_the_chain(pg_cluster: LocalCluster) -> None:
-    """A journal sealed under migration 0004 verifies after 0005, and its unsealed rows are sealed."""
+@contextlib.asynccontextmanager
+async def journal_before_0005(
+    pg_cluster: LocalCluster, name: str
+) -> AsyncIterator[tuple[asyncpg.Connection, list[str]]]:
+    """A database migrated up to 0004 with six decisions, the first four sealed as 0004 sealed them."""
     admin = await asyncpg.connect(pg_cluster.dsn("postgres"))
     try:
-        await admin.execute('CREATE DATABASE "chain_migration"')
+        await admin.execute(f'CREATE DATABASE "{name}"')
     finally:
         await admin.close()
-    url = pg_cluster.dsn("chain_migration")
+    url = pg_cluster.dsn(name)
     try:
         conn = await asyncpg.connect(url)
         try:
@@ -430,19 +442,70 @@ async def test_the_chain_table_migration_keeps_the_chain(pg_cluster: LocalCluste
             finally:
                 await ledger.close()
             await _seal_the_old_way(conn, upto=4)
-            assert await migrate(conn) == ["0005_journal_chain_table.sql"]
-            result = await journal.verify(conn)
-            assert result.ok and result.checked == 4 and result.unsealed == 2, result.problems
-            assert await journal.seal(conn) == 2
-            result = await journal.verify(conn)
-            assert result.ok and result.checked == 6 and result.unsealed == 0, result.problems
-            linked = await conn.fetch("SELECT id::text FROM pbxguard.journal_chain ORDER BY seq")
-            assert [r["id"] for r in linked] == ids
+            yield conn, ids
         finally:
             await conn.close()
     finally:
         admin = await asyncpg.connect(pg_cluster.dsn("postgres"))
         try:
-            await admin.execute('DROP DATABASE IF EXISTS "chain_migration" WITH (FORCE)')
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         finally:
             await admin.close()
+
+
+async def test_the_chain_table_migration_keeps_the_chain(pg_cluster: LocalCluster) -> None:
+    """A journal sealed under migration 0004 verifies after 0005, and its unsealed rows are sealed."""
+    async with journal_before_0005(pg_cluster, "chain_migration") as (conn, ids):
+        assert await migrate(conn) == ["0005_journal_chain_table.sql"]
+        result = await journal.verify(conn)
+        assert result.ok and result.checked == 4 and result.unsealed == 2, result.problems
+        assert await journal.seal(conn) == 2
+        result = await journal.verify(conn)
+        assert result.ok and result.checked == 6 and result.unsealed == 0, result.problems
+        linked = await conn.fetch("SELECT id::text FROM pbxguard.journal_chain ORDER BY seq")
+        assert [r["id"] for r in linked] == ids
+
+
+async def test_the_chain_table_migration_refuses_a_damaged_chain(pg_cluster: LocalCluster) -> None:
+    async with journal_before_0005(pg_cluster, "chain_migration_damaged") as (conn, _):
+        await conn.execute("UPDATE pbxguard.decisions SET seq = 2 WHERE seq = 3")
+        with pytest.raises(asyncpg.RaiseError, match="hash chain is damaged"):
+            await migrate(conn)
+        assert await conn.fetchval("SELECT to_regclass('pbxguard.journal_chain')") is None
+
+
+async def test_the_sealer_carries_on_after_a_cut_or_a_lost_checkpoint(ledger: Ledger) -> None:
+    """Neither stops the sealer (a unique violation at every seal), and verify reports both."""
+    await fill(ledger, 6)
+    conn = await sealed(ledger)
+    try:
+        await conn.execute("DELETE FROM pbxguard.journal_checkpoints WHERE seq = 6")  # the only one
+        assert (await journal.verify(conn)).problems == [
+            "seq 1: after the last checkpoint (links added outside the sealer, or a checkpoint deleted)"
+        ]
+        await Guard(ledger).decide(CallAttempt("+33612345600", "c1", "0162123456", call_key="k6"), NOW)
+        assert await journal.seal(conn) == 1
+        assert await conn.fetchval("SELECT max(seq) FROM pbxguard.journal_chain") == 7
+        await conn.execute("DELETE FROM pbxguard.journal_chain WHERE seq > 5")
+        await Guard(ledger).decide(CallAttempt("+33612345601", "c1", "0162123456", call_key="k7"), NOW)
+        assert await journal.seal(conn) == 1
+        assert await conn.fetchval("SELECT max(seq) FROM pbxguard.journal_chain") == 8
+        assert (await journal.verify(conn)).problems[0] == "seq 6: missing (deleted) up to 7"
+    finally:
+        await ledger.pool.release(conn)
+
+
+async def test_a_link_numbered_below_one_is_reported(ledger: Ledger) -> None:
+    await fill(ledger, 3)
+    conn = await sealed(ledger)
+    try:
+        await conn.execute(
+            """ALTER TABLE pbxguard.journal_chain DROP CONSTRAINT journal_chain_seq_check;
+               INSERT INTO pbxguard.journal_chain SELECT -1, consumer, gen_random_uuid(), prev_hash, entry_hash
+                 FROM pbxguard.journal_chain WHERE seq = 1"""
+        )
+        assert (await journal.verify(conn)).problems == [
+            "1 link(s) outside the chain's numbering (seq below 1)"
+        ]
+    finally:
+        await ledger.pool.release(conn)

@@ -8,10 +8,26 @@
 -- Which decisions still wait for the sealer: those above the horizon the last seal recorded (every
 -- decision of a transaction below it was sealed) and not in the chain.  The horizon is a transaction
 -- id of this cluster; one restored from another cluster's journal is above anything this cluster has
--- reached, and the sealer then scans from the start once.
+-- reached, and the sealer then reads from the start once.
+
+-- Taken first: the chain columns are dropped below, and a lock taken weaker then raised would
+-- deadlock with a decision that read the table before it wrote.  Calls wait for the copy.
+LOCK TABLE pbxguard.decisions IN ACCESS EXCLUSIVE MODE;
+
+DO $$
+BEGIN
+    IF EXISTS (SELECT 1 FROM pbxguard.decisions
+                WHERE seq IS NOT NULL AND (prev_hash IS NULL OR entry_hash IS NULL))
+       OR EXISTS (SELECT 1 FROM pbxguard.decisions WHERE seq IS NOT NULL GROUP BY seq HAVING count(*) > 1)
+    THEN
+        RAISE EXCEPTION 'the journal''s hash chain is damaged (a seq twice, or a hash missing): '
+            'check it with `pbxguard audit verify` under the previous version before upgrading';
+    END IF;
+END
+$$;
 
 CREATE TABLE pbxguard.journal_chain (
-    seq         bigint PRIMARY KEY,
+    seq         bigint PRIMARY KEY CHECK (seq > 0),
     consumer    text NOT NULL,
     id          uuid NOT NULL,
     prev_hash   bytea NOT NULL,
@@ -19,13 +35,13 @@ CREATE TABLE pbxguard.journal_chain (
     UNIQUE (consumer, id)
 );
 
--- Nothing writes decisions from here on, until this transaction ends.
-LOCK TABLE pbxguard.decisions IN SHARE ROW EXCLUSIVE MODE;
-
 INSERT INTO pbxguard.journal_chain (seq, consumer, id, prev_hash, entry_hash)
 SELECT seq, consumer, id, prev_hash, entry_hash FROM pbxguard.decisions WHERE seq IS NOT NULL;
 
-ALTER TABLE pbxguard.journal_checkpoints ADD COLUMN sealed_below xid8;
+-- sealed_below: every decision of this cluster's transactions below it is in the chain.
+-- restored_below: so is every decision restored from another cluster's journal (transaction ids at
+-- or above this cluster's counter) below it, which spares the sealer reading them all again.
+ALTER TABLE pbxguard.journal_checkpoints ADD COLUMN sealed_below xid8, ADD COLUMN restored_below xid8;
 
 -- Every committed decision below the lowest unsealed one is sealed; so is every one below the
 -- snapshot's xmin if none is unsealed.

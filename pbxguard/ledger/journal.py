@@ -1,11 +1,10 @@
 """The decision journal: sealing into a hash chain, verification, export for an inspection.
 
-The chain is `pbxguard.journal_chain`: one link per sealed decision, numbered by `seq` without gaps,
-naming its decision by (consumer, id).  Each link's `entry_hash` is SHA-256 (or HMAC-SHA-256 with
-`[journal] key`) over the previous link's hash and a canonical JSON rendering of the decision's own
-fields.  Verification recomputes the chain here, in Python, from the rows alone: an edited, deleted,
-inserted or reordered row breaks it at that row.  `next_allowed_at` and the call outcome are
-annotations written after the decision and are not part of the chain.
+Each sealed decision's `entry_hash` is SHA-256 (or HMAC-SHA-256 with `[journal] key`) over the
+previous entry's hash and a canonical JSON rendering of the decision's own fields.  Verification
+recomputes the chain here, in Python, from the rows alone: an edited, deleted, inserted or reordered
+row breaks it at that row.  `next_allowed_at` and the call outcome are annotations written after
+the decision and are not part of the chain.
 """
 
 from __future__ import annotations
@@ -38,16 +37,7 @@ CHAINED_FIELDS = (
     "id", "consumer", "call_key", "decided_at", "gate", "campaign", "order_giver", "caller_id",
     "verdict", "reasons", "shadow", "counted", "via_token", "territories", "zones",
 )  # fmt: skip
-_CHAINED_COLUMNS = ", ".join("d." + name for name in CHAINED_FIELDS)
-# The chain in order, each link with the decision it names (none when that row is gone).
-_VERIFY_PAGE_SQL = f"""
-SELECT c.seq, c.prev_hash, c.entry_hash, c.id AS chained_id, d.recorded_at, {_CHAINED_COLUMNS}
-  FROM pbxguard.journal_chain c
-  LEFT JOIN pbxguard.decisions d ON d.consumer = c.consumer AND d.id = c.id
- WHERE c.seq > $1
- ORDER BY c.seq
- LIMIT $2
-"""
+_COLUMNS = ", ".join(CHAINED_FIELDS)
 
 
 def _value(value: Any) -> Any:
@@ -106,136 +96,73 @@ def entry_hash(previous: bytes, row: asyncpg.Record | dict[str, Any], key: bytes
     return hashlib.sha256(payload).digest()
 
 
-# Where the sealer starts: the last seal's horizon (every decision of a transaction below it is in the
-# chain), unless that was recorded in another cluster (a journal restored by pg_dump), whose
-# transaction ids mean nothing here: then from the start.  It travels as a parameter, not as a
-# subquery, so that the planner knows how few rows lie above it: with an unknown bound it plans for a
-# third of the journal and hashes the whole chain for the anti-join.
-_FOREIGN = "(sealed_below IS NULL OR sealed_below > pg_snapshot_xmax(pg_current_snapshot()))"
-_SINCE = f"CASE WHEN {_FOREIGN} THEN '0' ELSE sealed_below END"
-# The last link and the newest checkpoint (the same seq, unless one was deleted), the bounds, and
-# this seal's horizon: every transaction below the snapshot's xmin has ended, so every decision they
-# committed is visible from here on and none can still commit behind the head.
-_HEAD_SQL = f"""
-SELECT l.seq AS link_seq, l.entry_hash AS link_hash, k.seq AS checkpoint_seq, k.entry_hash AS checkpoint_hash,
-       coalesce(k.since, '0') AS since, coalesce(k.foreign_horizon, true) AS foreign_horizon,
-       coalesce(k.restored_below, '0') AS restored_below, pg_snapshot_xmin(pg_current_snapshot()) AS horizon
-  FROM (SELECT 1) AS one
-  LEFT JOIN (SELECT seq, entry_hash FROM pbxguard.journal_chain ORDER BY seq DESC LIMIT 1) AS l ON true
-  LEFT JOIN (SELECT seq, entry_hash, {_SINCE} AS since, {_FOREIGN} AS foreign_horizon,
-                    CASE WHEN {_FOREIGN} THEN NULL ELSE restored_below END AS restored_below
-               FROM pbxguard.journal_checkpoints ORDER BY seq DESC LIMIT 1) AS k ON true
-"""
-# A seal's plans are made for its own bounds: its prepared statements must not fall back to generic
-# plans, which know neither.  And the pending decisions come in the index's order, never sorted: with
-# statistics that have not seen a backlog yet, the planner would read every pending row and sort them
-# for each batch of a thousand, a backlog's seal growing with its square.
-_LOCK_SQL = """
-SELECT pg_try_advisory_xact_lock($1),
-       set_config('plan_cache_mode', 'force_custom_plan', true), set_config('enable_sort', 'off', true)
-"""
-# Decisions waiting for the sealer between the bound and the horizon, in the chain's order (the
-# index's).
-_PENDING_SQL = f"""
-SELECT d.xid, {_CHAINED_COLUMNS}
-  FROM pbxguard.decisions d
- WHERE d.xid >= $1 AND d.xid < $2
-   AND NOT EXISTS (SELECT 1 FROM pbxguard.journal_chain c WHERE c.consumer = d.consumer AND c.id = d.id)
- ORDER BY d.xid
- LIMIT $3
-"""
-# A visible row at or above the snapshot's xmax that is not this transaction's own was written under
-# another cluster's counter (pg_dump restored into a younger cluster): its transaction ended there,
-# and waiting for this counter to reach it could leave it unsealed for millions of transactions.
-# Below the restored bound, such rows are all linked already: not read again at every seal.
-_RESTORED_SQL = f"""
-SELECT d.xid, {_CHAINED_COLUMNS}
-  FROM pbxguard.decisions d
- WHERE d.xid >= greatest(pg_snapshot_xmax(pg_current_snapshot()), $1)
-   AND d.xid IS DISTINCT FROM pg_current_xact_id_if_assigned()
-   AND NOT EXISTS (SELECT 1 FROM pbxguard.journal_chain c WHERE c.consumer = d.consumer AND c.id = d.id)
- ORDER BY d.xid
- LIMIT $2
-"""
-_NEWEST_RESTORED_SQL = """
-SELECT max(xid) FROM pbxguard.decisions WHERE xid >= pg_snapshot_xmax(pg_current_snapshot())
-"""
-_LINK_SQL = """
-INSERT INTO pbxguard.journal_chain (seq, consumer, id, prev_hash, entry_hash)
-SELECT * FROM unnest($1::bigint[], $2::text[], $3::uuid[], $4::bytea[], $5::bytea[])
-"""
-# With no link added, only the bounds change (a read from the start, or past restored rows): they
-# are recorded against the head, or every seal would read the same rows again.
-_CHECKPOINT_SQL = """
-INSERT INTO pbxguard.journal_checkpoints (seq, entry_hash, rows, sealed_below, restored_below)
-VALUES ($1, $2, $3, $4, $5)
-ON CONFLICT (seq) DO UPDATE SET sealed_below = excluded.sealed_below, restored_below = excluded.restored_below
-"""
-_SINCE_SQL = f"""
-SELECT coalesce((SELECT {_SINCE} FROM pbxguard.journal_checkpoints ORDER BY seq DESC LIMIT 1), '0')
-"""
-_UNSEALED_SQL = """
-SELECT count(*) FROM pbxguard.decisions d
- WHERE d.xid >= $1
-   AND NOT EXISTS (SELECT 1 FROM pbxguard.journal_chain c WHERE c.consumer = d.consumer AND c.id = d.id)
-"""
-# Both counts from one snapshot: decisions outside the chain, and those of them the sealer will see.
-_OUTSIDE_SQL = f"""
-SELECT count(*) AS outside, count(*) FILTER (WHERE d.xid >= ({_SINCE_SQL})) AS unsealed
-  FROM pbxguard.decisions d
- WHERE NOT EXISTS (SELECT 1 FROM pbxguard.journal_chain c WHERE c.consumer = d.consumer AND c.id = d.id)
-"""
-
-
 async def seal(conn: asyncpg.Connection, key: bytes | None = None, batch: int = SEAL_BATCH) -> int:
     """Seals committed, unsealed decisions into the chain; returns how many it sealed."""
     async with conn.transaction():
-        if not (await conn.fetchrow(_LOCK_SQL, _SEAL_LOCK))[0]:
+        if not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", _SEAL_LOCK):
             return 0
-        head = await conn.fetchrow(_HEAD_SQL)
-        seq, previous = 0, GENESIS
-        if head["link_seq"] is not None:
-            seq, previous = head["link_seq"], bytes(head["link_hash"])
-        if head["checkpoint_seq"] is not None and head["checkpoint_seq"] > seq:
-            # The chain's tail was cut: carry on after it, leaving the gap for verify to report.
-            seq, previous = head["checkpoint_seq"], bytes(head["checkpoint_hash"])
-        rows = await conn.fetch(_PENDING_SQL, head["since"], head["horizon"], batch)
-        restored_below = head["restored_below"]
-        if len(rows) == batch:
-            # Some may be left of the last row's transaction, or between it and the horizon.
-            sealed_below = rows[-1]["xid"]
-        else:
-            sealed_below = head["horizon"]
-            restored = await conn.fetch(_RESTORED_SQL, restored_below, batch - len(rows))
-            if len(restored) == batch - len(rows):
-                restored_below = restored[-1]["xid"]
-            elif (newest := await conn.fetchval(_NEWEST_RESTORED_SQL)) is not None:
-                restored_below = newest + 1
-            rows += restored
+        head = await conn.fetchrow(
+            "SELECT seq, entry_hash FROM pbxguard.journal_checkpoints ORDER BY seq DESC LIMIT 1"
+        )
+        seq, previous = (head["seq"], bytes(head["entry_hash"])) if head else (0, GENESIS)
+        # A row is sealed once every transaction that could still commit an earlier one has ended:
+        # its xid is below the snapshot's xmin.  A row this snapshot sees was committed before it,
+        # so in this cluster its xid is below the snapshot's xmax (one past the latest completed
+        # xid), unless the row is this transaction's own.  Any other visible row at or above xmax
+        # was written under another cluster's counter (pg_dump restored into a younger cluster):
+        # its transaction ended there, and waiting for this counter to reach it could leave it
+        # unsealed for millions of transactions.
+        rows = await conn.fetch(
+            f"""
+            SELECT {_COLUMNS} FROM pbxguard.decisions
+             WHERE seq IS NULL
+               AND (xid < pg_snapshot_xmin(pg_current_snapshot())
+                    OR (xid >= pg_snapshot_xmax(pg_current_snapshot())
+                        AND xid IS DISTINCT FROM pg_current_xact_id_if_assigned()))
+             ORDER BY recorded_at, id
+             LIMIT $1
+               FOR UPDATE
+            """,
+            batch,
+        )
         if not rows:
-            if seq and (head["foreign_horizon"] or restored_below != head["restored_below"]):
-                await conn.execute(_CHECKPOINT_SQL, seq, previous, 0, sealed_below, restored_below)
             return 0
-        seqs, consumers, ids, prevs, hashes = [], [], [], [], []
+        consumers, ids, seqs, prevs, hashes = [], [], [], [], []
         for done, row in enumerate(rows, 1):
             if done % _HASHES_PER_TURN == 0:
                 await asyncio.sleep(0)
             seq += 1
             digest = entry_hash(previous, row, key)
-            seqs.append(seq)
             consumers.append(row["consumer"])
             ids.append(row["id"])
+            seqs.append(seq)
             prevs.append(previous)
             hashes.append(digest)
             previous = digest
-        await conn.execute(_LINK_SQL, seqs, consumers, ids, prevs, hashes)
-        await conn.execute(_CHECKPOINT_SQL, seq, previous, len(rows), sealed_below, restored_below)
+        await conn.execute(
+            """
+            UPDATE pbxguard.decisions d SET seq = u.seq, prev_hash = u.prev, entry_hash = u.hash
+              FROM unnest($1::text[], $2::uuid[], $3::bigint[], $4::bytea[], $5::bytea[])
+                   AS u(consumer, id, seq, prev, hash)
+             WHERE d.consumer = u.consumer AND d.id = u.id
+            """,
+            consumers,
+            ids,
+            seqs,
+            prevs,
+            hashes,
+        )
+        await conn.execute(
+            "INSERT INTO pbxguard.journal_checkpoints (seq, entry_hash, rows) VALUES ($1, $2, $3)",
+            seq,
+            previous,
+            len(rows),
+        )
     return len(rows)
 
 
 async def unsealed(conn: asyncpg.Connection) -> int:
-    """Decisions waiting for the sealer (cheap: only those above the last seal's horizon are read)."""
-    return int(await conn.fetchval(_UNSEALED_SQL, await conn.fetchval(_SINCE_SQL)))
+    return int(await conn.fetchval("SELECT count(*) FROM pbxguard.decisions WHERE seq IS NULL"))
 
 
 @dataclass
@@ -265,12 +192,7 @@ async def verify(
     if since is not None:
         low = int(
             await conn.fetchval(
-                """
-                SELECT coalesce(min(c.seq), 0) - 1
-                  FROM pbxguard.journal_chain c
-                  JOIN pbxguard.decisions d ON d.consumer = c.consumer AND d.id = c.id
-                 WHERE d.recorded_at >= $1
-                """,
+                "SELECT coalesce(min(seq), 0) - 1 FROM pbxguard.decisions WHERE seq IS NOT NULL AND recorded_at >= $1",
                 since,
             )
         )
@@ -278,25 +200,12 @@ async def verify(
     if low == 0:
         previous = GENESIS
     else:
-        anchor = await conn.fetchval("SELECT entry_hash FROM pbxguard.journal_chain WHERE seq = $1", low)
+        anchor = await conn.fetchval("SELECT entry_hash FROM pbxguard.decisions WHERE seq = $1", low)
         if anchor is None:
             result.problems.append(f"seq {low}: missing (the entry before the range was deleted)")
             return result
         previous = bytes(anchor)
     expected = low + 1
-    upper = None
-    if until is not None:
-        # Links follow transaction ids, which need not follow the clock: the last one in the range,
-        # not the first one past it, ends the walk.
-        upper = await conn.fetchval(
-            """
-            SELECT coalesce(max(c.seq), 0)
-              FROM pbxguard.journal_chain c
-              JOIN pbxguard.decisions d ON d.consumer = c.consumer AND d.id = c.id
-             WHERE d.recorded_at <= $1
-            """,
-            until,
-        )
     checkpoints = {
         r["seq"]: bytes(r["entry_hash"])
         for r in await conn.fetch(
@@ -306,18 +215,23 @@ async def verify(
     last_hash: dict[int, bytes] = {}
     cursor = low
     while True:
-        rows = await conn.fetch(_VERIFY_PAGE_SQL, cursor, page)
+        rows = await conn.fetch(
+            f"""
+            SELECT seq, prev_hash, entry_hash, recorded_at, {_COLUMNS} FROM pbxguard.decisions
+             WHERE seq IS NOT NULL AND seq > $1 ORDER BY seq, id LIMIT $2
+            """,
+            cursor,
+            page,
+        )
         if not rows:
             break
         for row in rows:
-            seq = row["seq"]
-            if upper is not None and seq > upper:
+            if until is not None and row["recorded_at"] > until:
                 rows = []
                 break
-            if row["id"] is None:
-                result.problems.append(
-                    f"seq {seq}: decision {row['chained_id']} missing (deleted, or its number or id edited)"
-                )
+            seq = row["seq"]
+            if seq < expected:
+                result.problems.append(f"seq {seq}: duplicate entry (a row was inserted or copied)")
                 return result
             if seq > expected:
                 result.problems.append(
@@ -351,28 +265,7 @@ async def verify(
         if seq in last_hash and last_hash[seq] != digest:
             result.problems.append(f"seq {seq}: does not match its checkpoint")
             break
-    if since is None and until is None and not result.problems:
-        links, newest_checkpoint = await conn.fetchrow(
-            "SELECT (SELECT count(*) FROM pbxguard.journal_chain), (SELECT max(seq) FROM pbxguard.journal_checkpoints)"
-        )
-        if links != result.checked:
-            result.problems.append(
-                f"{links - result.checked} link(s) outside the chain's numbering (seq below 1)"
-            )
-        elif result.last_seq is not None and (newest_checkpoint or 0) < result.last_seq:
-            # Each seal writes its links and its checkpoint together.
-            result.problems.append(
-                f"seq {(newest_checkpoint or 0) + 1}: after the last checkpoint (links added outside the"
-                " sealer, or a checkpoint deleted)"
-            )
-    counts = await conn.fetchrow(_OUTSIDE_SQL)
-    result.unsealed = counts["unsealed"]
-    if behind := counts["outside"] - counts["unsealed"]:
-        # The sealer has passed them and never will link them: written behind its back, with an old
-        # transaction id.
-        result.problems.append(
-            f"{behind} decision(s) below the sealed horizon are not in the chain (inserted)"
-        )
+    result.unsealed = await unsealed(conn)
     return result
 
 
@@ -393,9 +286,9 @@ async def export_rows(
     async with conn.transaction(readonly=True, isolation="repeatable_read"):
         cursor = conn.cursor(
             """
-            SELECT * FROM pbxguard.decisions d LEFT JOIN pbxguard.journal_chain c USING (consumer, id)
-             WHERE d.decided_at >= $1 AND d.decided_at < $2 AND ($3::text IS NULL OR d.order_giver = $3)
-             ORDER BY d.decided_at, id
+            SELECT * FROM pbxguard.decisions
+             WHERE decided_at >= $1 AND decided_at < $2 AND ($3::text IS NULL OR order_giver = $3)
+             ORDER BY decided_at, id
             """,
             since,
             until,

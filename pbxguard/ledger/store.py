@@ -23,7 +23,6 @@ from typing import Any, Final
 
 import asyncpg
 
-from pbxguard.ledger import journal
 from pbxguard.ledger.migrate import migrate
 from pbxguard.ledger.pgcluster import LocalCluster
 from pbxguard.policy.model import Campaign, Purpose, Sector
@@ -705,9 +704,7 @@ class Ledger:
     async def decision(self, decision_id: uuid.UUID) -> asyncpg.Record | None:
         async with self._conn() as conn:
             row: asyncpg.Record | None = await conn.fetchrow(
-                "SELECT * FROM pbxguard.decisions d LEFT JOIN pbxguard.journal_chain c USING (consumer, id)"
-                " WHERE d.id = $1",
-                decision_id,
+                "SELECT * FROM pbxguard.decisions WHERE id = $1", decision_id
             )
         return row
 
@@ -761,7 +758,7 @@ class Ledger:
             clauses.append(f"(decided_at, id) < (${len(args) - 1}, ${len(args)})")
         args.append(limit)
         sql = (
-            "SELECT * FROM pbxguard.decisions LEFT JOIN pbxguard.journal_chain USING (consumer, id) WHERE "
+            "SELECT * FROM pbxguard.decisions WHERE "
             + " AND ".join(clauses)
             + f" ORDER BY decided_at DESC, id DESC LIMIT ${len(args)}"
         )
@@ -803,11 +800,21 @@ class Ledger:
         return [str(row["name"]) for row in rows]
 
     async def journal_unsealed(self) -> int | None:
-        """Decisions waiting for the sealer; None before the journal's chain table exists."""
+        """Journal rows not yet sealed into the hash chain (`seq IS NULL`); None before that column exists."""
         async with self._conn() as conn:
-            if await conn.fetchval("SELECT to_regclass('pbxguard.journal_chain') IS NULL"):
+            has_seq = await conn.fetchval(
+                """
+                SELECT true FROM information_schema.columns
+                 WHERE table_schema = 'pbxguard' AND table_name = 'decisions' AND column_name = $1
+                """,
+                "seq",
+            )
+            if not has_seq:
                 return None
-            return await journal.unsealed(conn)
+            value = await conn.fetchval(
+                "SELECT count(*) FROM pbxguard.decisions WHERE seq IS NULL", timeout=5
+            )
+        return int(value)
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import csv
 import io
 import json
 import uuid
-from collections.abc import AsyncIterator
 from datetime import UTC, date, datetime, timedelta
 from zoneinfo import ZoneInfo
 
@@ -19,8 +17,6 @@ from hypothesis import strategies as st
 
 from pbxguard.guard import Guard
 from pbxguard.ledger import journal
-from pbxguard.ledger.migrate import bundled, migrate
-from pbxguard.ledger.pgcluster import LocalCluster
 from pbxguard.ledger.store import Ledger
 from pbxguard.policy.model import CallAttempt, Campaign
 
@@ -157,14 +153,9 @@ async def test_rows_restored_from_another_cluster_are_sealed(ledger: Ledger) -> 
         while await journal.seal(conn):
             pass
         assert await journal.unsealed(conn) == 0
-        assert await conn.fetchval("SELECT seq FROM pbxguard.journal_chain WHERE id = $1", restored) == 4
+        assert await conn.fetchval("SELECT seq FROM pbxguard.decisions WHERE id = $1", restored) == 4
         result = await journal.verify(conn)
         assert result.ok and result.checked == 4, result.problems
-        # Linked, restored rows are not read again by every seal: the bound has passed them.
-        bound = await conn.fetchval(
-            "SELECT restored_below FROM pbxguard.journal_checkpoints ORDER BY seq DESC LIMIT 1"
-        )
-        assert bound > await conn.fetchval("SELECT xid FROM pbxguard.decisions WHERE id = $1", restored)
     finally:
         await ledger.pool.release(conn)
 
@@ -192,31 +183,17 @@ async def test_a_sealer_never_seals_its_own_transaction_s_rows(ledger: Ledger) -
         await ledger.pool.release(conn)
 
 
-# The decision that link 5 names, for an UPDATE or DELETE of pbxguard.decisions d.
-_LINK_5 = "pbxguard.journal_chain c WHERE c.seq = 5 AND d.consumer = c.consumer AND d.id = c.id"
-_COPY_ID = "'00000000-0000-4000-8000-000000000005'"
 TAMPERING = {
-    "edit a verdict": "UPDATE pbxguard.decisions d SET verdict = CASE d.verdict WHEN 'allow' THEN 'block'"
-    f" ELSE 'allow' END FROM {_LINK_5}",
-    "edit a reason": f"UPDATE pbxguard.decisions d SET reasons = array_append(d.reasons, 'NO_CONSENT') FROM {_LINK_5}",
-    "edit the number": f"UPDATE pbxguard.decisions d SET consumer = '+33600000000' FROM {_LINK_5}",
-    "edit the number and its link": f"UPDATE pbxguard.decisions d SET consumer = '+33600000000' FROM {_LINK_5};"
-    " UPDATE pbxguard.journal_chain SET consumer = '+33600000000' WHERE seq = 5",
-    "edit the time": f"UPDATE pbxguard.decisions d SET decided_at = d.decided_at - interval '1 day' FROM {_LINK_5}",
-    "delete a row": f"DELETE FROM pbxguard.decisions d USING {_LINK_5}",
-    "delete a link": "DELETE FROM pbxguard.journal_chain WHERE seq = 5",
-    "delete the last rows": "DELETE FROM pbxguard.journal_chain WHERE seq > 10",
-    "reorder two rows": "UPDATE pbxguard.journal_chain SET seq = seq + 1000 WHERE seq IN (5, 6);"
-    " UPDATE pbxguard.journal_chain SET seq = CASE seq WHEN 1005 THEN 6 ELSE 5 END WHERE seq > 1000",
-    # Every link from 5 on moves up one, and a copy of decision 5 takes link 5 with its hashes.
-    "insert a row": "UPDATE pbxguard.journal_chain SET seq = seq + 1001 WHERE seq >= 5;"
-    " UPDATE pbxguard.journal_chain SET seq = seq - 1000 WHERE seq > 1000;"
-    " INSERT INTO pbxguard.decisions (consumer, id, decided_at, gate, campaign, caller_id, verdict, reasons)"
-    f" SELECT d.consumer, {_COPY_ID}, d.decided_at, d.gate, d.campaign, d.caller_id, 'allow', '{{}}'"
-    " FROM pbxguard.decisions d JOIN pbxguard.journal_chain c ON d.consumer = c.consumer AND d.id = c.id"
-    " WHERE c.seq = 6;"
-    f" INSERT INTO pbxguard.journal_chain SELECT 5, consumer, {_COPY_ID}, prev_hash, entry_hash"
-    " FROM pbxguard.journal_chain WHERE seq = 6",
+    "edit a verdict": "UPDATE pbxguard.decisions SET verdict = CASE verdict WHEN 'allow' THEN 'block' ELSE 'allow' END WHERE seq = 5",
+    "edit a reason": "UPDATE pbxguard.decisions SET reasons = array_append(reasons, 'NO_CONSENT') WHERE seq = 5",
+    "edit the number": "UPDATE pbxguard.decisions SET consumer = '+33600000000' WHERE seq = 5",
+    "edit the time": "UPDATE pbxguard.decisions SET decided_at = decided_at - interval '1 day' WHERE seq = 5",
+    "delete a row": "DELETE FROM pbxguard.decisions WHERE seq = 5",
+    "delete the last rows": "DELETE FROM pbxguard.decisions WHERE seq > 10",
+    "reorder two rows": "UPDATE pbxguard.decisions SET seq = CASE seq WHEN 5 THEN 6 ELSE 5 END WHERE seq IN (5, 6)",
+    "insert a row": "INSERT INTO pbxguard.decisions (consumer, id, decided_at, gate, campaign, caller_id, verdict,"
+    " reasons, seq, prev_hash, entry_hash) SELECT consumer, gen_random_uuid(), decided_at, gate, campaign,"
+    " caller_id, 'allow', '{}', 5, prev_hash, entry_hash FROM pbxguard.decisions WHERE seq = 5",
 }
 
 
@@ -244,14 +221,13 @@ async def test_recomputing_the_hash_without_the_key_is_caught(ledger: Ledger) ->
     try:
         assert (await journal.verify(conn, key)).ok
         assert not (await journal.verify(conn)).ok  # a plain SHA-256 chain is not this chain
-        row = await conn.fetchrow(
-            "SELECT * FROM pbxguard.decisions JOIN pbxguard.journal_chain USING (consumer, id) WHERE seq = 3"
-        )
+        row = await conn.fetchrow("SELECT * FROM pbxguard.decisions WHERE seq = 3")
         forged = dict(row)
         forged["verdict"] = "allow"
         digest = journal.entry_hash(bytes(row["prev_hash"]), forged, None)
-        await conn.execute("UPDATE pbxguard.decisions SET verdict = 'allow' WHERE id = $1", row["id"])
-        await conn.execute("UPDATE pbxguard.journal_chain SET entry_hash = $1 WHERE seq = 3", digest)
+        await conn.execute(
+            "UPDATE pbxguard.decisions SET verdict = 'allow', entry_hash = $1 WHERE seq = 3", digest
+        )
         result = await journal.verify(conn, key)
         assert not result.ok and result.problems[0].startswith("seq 3")
     finally:
@@ -272,14 +248,9 @@ async def test_verify_a_time_range(ledger: Ledger) -> None:
     await fill(ledger, 10)
     conn = await sealed(ledger)
     try:
-        middle = await conn.fetchval(
-            "SELECT recorded_at FROM pbxguard.decisions JOIN pbxguard.journal_chain USING (consumer, id)"
-            " WHERE seq = 4"
-        )
+        middle = await conn.fetchval("SELECT recorded_at FROM pbxguard.decisions WHERE seq = 4")
         result = await journal.verify(conn, since=middle)
         assert result.ok and result.first_seq == 4 and result.last_seq == 10
-        result = await journal.verify(conn, until=middle)
-        assert result.ok and result.first_seq == 1 and result.last_seq == 4
     finally:
         await ledger.pool.release(conn)
 
@@ -325,187 +296,12 @@ async def test_export_round_trip(ledger: Ledger, fmt: str) -> None:
         assert blocked and all(r["reasons"] and r["rules"] for r in blocked)
         # The exported hashes are the chain's: an inspector can check them against `audit verify`.
         stored = await conn.fetchval(
-            "SELECT entry_hash FROM pbxguard.journal_chain WHERE id = $1", uuid.UUID(ids[0])
+            "SELECT entry_hash FROM pbxguard.decisions WHERE id = $1", uuid.UUID(ids[0])
         )
         assert first["entry_hash"] == bytes(stored).hex()
         assert [r async for r in journal.export_rows(conn, NOW, NOW, order_giver="ACME")] == []
         assert [
             r async for r in journal.export_rows(conn, NOW - timedelta(1), NOW + timedelta(1), "NOBODY")
         ] == []
-    finally:
-        await ledger.pool.release(conn)
-
-
-async def test_rows_inserted_behind_the_sealer_are_reported(ledger: Ledger) -> None:
-    """A row with a transaction id the sealer has passed will never be linked: verify says so."""
-    await fill(ledger, 3)
-    conn = await sealed(ledger)
-    try:
-        assert (await journal.verify(conn)).ok
-        await conn.execute(
-            """INSERT INTO pbxguard.decisions (consumer, id, decided_at, gate, campaign, caller_id, verdict,
-                   reasons, xid)
-               VALUES ('+33612345696', gen_random_uuid(), now(), 'cli', 'c1', '0162123456', 'allow', '{}', '3')"""
-        )
-        assert await journal.seal(conn) == 0
-        result = await journal.verify(conn)
-        assert result.problems == ["1 decision(s) below the sealed horizon are not in the chain (inserted)"]
-        assert result.checked == 3 and result.unsealed == 0
-    finally:
-        await ledger.pool.release(conn)
-
-
-async def test_a_batch_may_end_inside_one_transaction_s_rows(ledger: Ledger) -> None:
-    """Rows of one transaction share an xid: the next seal takes up the rest of them."""
-    await fill(ledger, 2)
-    conn = await ledger.pool.acquire()
-    try:
-        async with conn.transaction():
-            for i in range(5):
-                await write_decision(conn, f"+3361234569{i}")
-        counts = []
-        while count := await journal.seal(conn, batch=2):
-            counts.append(count)
-        assert counts == [2, 2, 2, 1]
-        result = await journal.verify(conn)
-        assert result.ok and result.checked == 7 and result.unsealed == 0, result.problems
-    finally:
-        await ledger.pool.release(conn)
-
-
-async def test_a_horizon_from_another_cluster_is_not_trusted(ledger: Ledger) -> None:
-    """A restored journal's last horizon is another counter's: the sealer reads from the start."""
-    await fill(ledger, 2)
-    conn = await sealed(ledger)
-    try:
-        ahead = "(pg_current_xact_id()::text::numeric + 50000000)::text::xid8"
-        await conn.execute(f"UPDATE pbxguard.journal_checkpoints SET sealed_below = {ahead}")
-        # Nothing to seal: the one read from the start records this cluster's horizon instead.
-        assert await journal.seal(conn) == 0
-        assert await conn.fetchval(
-            "SELECT max(sealed_below) < pg_current_xact_id() FROM pbxguard.journal_checkpoints"
-        )
-        await conn.execute(f"UPDATE pbxguard.journal_checkpoints SET sealed_below = {ahead}")
-        await write_decision(conn, "+33612345695")
-        assert await journal.unsealed(conn) == 1
-        assert await journal.seal(conn) == 1
-        result = await journal.verify(conn)
-        assert result.ok and result.checked == 3 and result.unsealed == 0, result.problems
-    finally:
-        await ledger.pool.release(conn)
-
-
-async def _seal_the_old_way(conn: asyncpg.Connection, upto: int) -> None:
-    """What sealing wrote before the chain had a table of its own: each decision's own row."""
-    rows = await conn.fetch(
-        f"SELECT {', '.join(journal.CHAINED_FIELDS)} FROM pbxguard.decisions ORDER BY recorded_at, id"
-    )
-    previous = journal.GENESIS
-    for seq, row in enumerate(rows[:upto], 1):
-        digest = journal.entry_hash(previous, row, None)
-        await conn.execute(
-            "UPDATE pbxguard.decisions SET seq = $1, prev_hash = $2, entry_hash = $3 WHERE id = $4",
-            seq,
-            previous,
-            digest,
-            row["id"],
-        )
-        previous = digest
-    await conn.execute(
-        "INSERT INTO pbxguard.journal_checkpoints (seq, entry_hash, rows) VALUES ($1, $2, $3)",
-        upto,
-        previous,
-        upto,
-    )
-
-
-@contextlib.asynccontextmanager
-async def journal_before_0005(
-    pg_cluster: LocalCluster, name: str
-) -> AsyncIterator[tuple[asyncpg.Connection, list[str]]]:
-    """A database migrated up to 0004 with six decisions, the first four sealed as 0004 sealed them."""
-    admin = await asyncpg.connect(pg_cluster.dsn("postgres"))
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    url = pg_cluster.dsn(name)
-    try:
-        conn = await asyncpg.connect(url)
-        try:
-            before = [m for m in bundled() if m.version < 5]
-            assert [m.version for m in before] == [1, 2, 3, 4]
-            await migrate(conn, before)
-            ledger = await Ledger.connect(url, min_size=1, max_size=2, run_migrations=False)
-            try:
-                ids = await fill(ledger, 6)
-            finally:
-                await ledger.close()
-            await _seal_the_old_way(conn, upto=4)
-            yield conn, ids
-        finally:
-            await conn.close()
-    finally:
-        admin = await asyncpg.connect(pg_cluster.dsn("postgres"))
-        try:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await admin.close()
-
-
-async def test_the_chain_table_migration_keeps_the_chain(pg_cluster: LocalCluster) -> None:
-    """A journal sealed under migration 0004 verifies after 0005, and its unsealed rows are sealed."""
-    async with journal_before_0005(pg_cluster, "chain_migration") as (conn, ids):
-        assert await migrate(conn) == ["0005_journal_chain_table.sql"]
-        result = await journal.verify(conn)
-        assert result.ok and result.checked == 4 and result.unsealed == 2, result.problems
-        assert await journal.seal(conn) == 2
-        result = await journal.verify(conn)
-        assert result.ok and result.checked == 6 and result.unsealed == 0, result.problems
-        linked = await conn.fetch("SELECT id::text FROM pbxguard.journal_chain ORDER BY seq")
-        assert [r["id"] for r in linked] == ids
-
-
-async def test_the_chain_table_migration_refuses_a_damaged_chain(pg_cluster: LocalCluster) -> None:
-    async with journal_before_0005(pg_cluster, "chain_migration_damaged") as (conn, _):
-        await conn.execute("UPDATE pbxguard.decisions SET seq = 2 WHERE seq = 3")
-        with pytest.raises(asyncpg.RaiseError, match="hash chain is damaged"):
-            await migrate(conn)
-        assert await conn.fetchval("SELECT to_regclass('pbxguard.journal_chain')") is None
-
-
-async def test_the_sealer_carries_on_after_a_cut_or_a_lost_checkpoint(ledger: Ledger) -> None:
-    """Neither stops the sealer (a unique violation at every seal), and verify reports both."""
-    await fill(ledger, 6)
-    conn = await sealed(ledger)
-    try:
-        await conn.execute("DELETE FROM pbxguard.journal_checkpoints WHERE seq = 6")  # the only one
-        assert (await journal.verify(conn)).problems == [
-            "seq 1: after the last checkpoint (links added outside the sealer, or a checkpoint deleted)"
-        ]
-        await Guard(ledger).decide(CallAttempt("+33612345600", "c1", "0162123456", call_key="k6"), NOW)
-        assert await journal.seal(conn) == 1
-        assert await conn.fetchval("SELECT max(seq) FROM pbxguard.journal_chain") == 7
-        await conn.execute("DELETE FROM pbxguard.journal_chain WHERE seq > 5")
-        await Guard(ledger).decide(CallAttempt("+33612345601", "c1", "0162123456", call_key="k7"), NOW)
-        assert await journal.seal(conn) == 1
-        assert await conn.fetchval("SELECT max(seq) FROM pbxguard.journal_chain") == 8
-        assert (await journal.verify(conn)).problems[0] == "seq 6: missing (deleted) up to 7"
-    finally:
-        await ledger.pool.release(conn)
-
-
-async def test_a_link_numbered_below_one_is_reported(ledger: Ledger) -> None:
-    await fill(ledger, 3)
-    conn = await sealed(ledger)
-    try:
-        await conn.execute(
-            """ALTER TABLE pbxguard.journal_chain DROP CONSTRAINT journal_chain_seq_check;
-               INSERT INTO pbxguard.journal_chain SELECT -1, consumer, gen_random_uuid(), prev_hash, entry_hash
-                 FROM pbxguard.journal_chain WHERE seq = 1"""
-        )
-        assert (await journal.verify(conn)).problems == [
-            "1 link(s) outside the chain's numbering (seq below 1)"
-        ]
     finally:
         await ledger.pool.release(conn)

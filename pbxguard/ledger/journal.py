@@ -112,6 +112,10 @@ async def seal(conn: asyncpg.Connection, key: bytes | None = None, batch: int = 
         # was written under another cluster's counter (pg_dump restored into a younger cluster):
         # its transaction ended there, and waiting for this counter to reach it could leave it
         # unsealed for millions of transactions.
+        # No FOR UPDATE: the advisory lock keeps other sealers out, and nothing else changes a chained
+        # field (outcomes and next_allowed_at are annotations; a row edited in between is hashed as it
+        # was read, and verify reports it altered). Locking the rows cost a WAL record each, and an
+        # outcome being recorded waited through the hashing as well as the UPDATE.
         rows = await conn.fetch(
             f"""
             SELECT {_COLUMNS} FROM pbxguard.decisions
@@ -121,7 +125,6 @@ async def seal(conn: asyncpg.Connection, key: bytes | None = None, batch: int = 
                         AND xid IS DISTINCT FROM pg_current_xact_id_if_assigned()))
              ORDER BY recorded_at, id
              LIMIT $1
-               FOR UPDATE
             """,
             batch,
         )

@@ -493,17 +493,17 @@ class UpstreamLink:
         # One timer watches for silence, not a timeout scope around every read: Asterisk sends the
         # dozen events of an Originate in about as many reads.
         heard = loop.time()
-        pinged_at: float | None = None
+        pinged = False
         silenced = False
         watchdog: asyncio.TimerHandle | None = None
 
         def watch() -> None:
-            nonlocal pinged_at, watchdog
+            nonlocal pinged, watchdog
             now = loop.time()
             if now < heard + self._keepalive:
                 watchdog = loop.call_at(heard + self._keepalive, watch)
-            elif pinged_at is None:
-                pinged_at = now
+            elif not pinged:
+                pinged = True
                 writer.write(encode(Message.action("Ping", ActionID=self._internal_id())))
                 watchdog = loop.call_at(now + self._keepalive, watch)
             else:
@@ -512,7 +512,7 @@ class UpstreamLink:
 
         def confirm() -> None:
             nonlocal silenced
-            if pinged_at is None:  # heard from Asterisk meanwhile
+            if not pinged:  # heard from Asterisk meanwhile
                 watch()
             else:
                 silenced = True
@@ -532,7 +532,7 @@ class UpstreamLink:
                 if not data:
                     return
                 heard = loop.time()
-                pinged_at = None
+                pinged = False
                 for item in parser.feed(data):
                     if isinstance(item, Message):
                         self._dispatch(item)

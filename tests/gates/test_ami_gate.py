@@ -16,6 +16,7 @@ from datetime import UTC, date, datetime
 
 import pytest
 from fake_asterisk_ami import AmiTestClient, FakeAsterisk
+from polling import until
 
 from pbxguard.config import (
     AmiGateConfig,
@@ -52,14 +53,6 @@ NO_CONSENT = "0698765432"
 CALLER = '"ACME" <0162123456>'
 USER, SECRET = "dialer", "dialer-secret"
 ADMIN, ADMIN_SECRET = "admin", "admin-secret"
-
-
-async def until(predicate: Callable[[], bool], within: float = 5.0) -> None:
-    deadline = time.monotonic() + within
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError("condition not met")
-        await asyncio.sleep(0.005)
 
 
 async def until_async(predicate: Callable[[], Awaitable[bool]], within: float = 5.0) -> None:

@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import dataclasses
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import UTC, date, datetime, timedelta
 from zoneinfo import ZoneInfo
 
@@ -15,6 +15,7 @@ import asyncpg
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from polling import until
 
 from pbxguard.config import Mode
 from pbxguard.guard import Guard, consumer_key
@@ -644,15 +645,9 @@ async def test_a_connection_the_server_closed_is_not_used_again(ledger: Ledger, 
         await admin.close()
     assert killed == 1
     # asyncpg hands a connection it has seen closed back to the pool, which reconnects it.
-    await until_true(lambda: ledger.pool.get_idle_size() == idle + 1)
+    await until(lambda: ledger.pool.get_idle_size() == idle + 1)
     assert (await guard.decide(attempt(key="k2"), NOW)).allowed
     assert await ledger.attempts_count(NUMBER, "ACME") == 2
-
-
-async def until_true(predicate: Callable[[], bool], within: float = 5.0) -> None:
-    async with asyncio.timeout(within):
-        while not predicate():  # noqa: ASYNC110
-            await asyncio.sleep(0.01)
 
 
 async def test_kept_connections_go_back_to_the_pool_when_calls_stop(
@@ -663,7 +658,7 @@ async def test_kept_connections_go_back_to_the_pool_when_calls_stop(
     assert (await Guard(ledger).decide(attempt(key="k1"), NOW)).allowed
     assert ledger.pool.get_size() - ledger.pool.get_idle_size() == 1
     # No decision comes after it: the connection goes back anyway, to the pool's own idle timeout.
-    await until_true(lambda: ledger.pool.get_size() == ledger.pool.get_idle_size())
+    await until(lambda: ledger.pool.get_size() == ledger.pool.get_idle_size())
 
 
 async def test_closing_waits_for_a_decision_under_way_and_does_not_keep_its_connection(

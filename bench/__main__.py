@@ -30,6 +30,7 @@ from bench.common import (
     grant_consents,
     legal_campaign,
     rss_mb,
+    settle,
     throwaway_cluster,
 )
 from bench.daemon import DaemonProcess, helper_process, stop_process, wait_port
@@ -69,6 +70,7 @@ async def gate_figures(report: Report, url: str, quick: bool, numbers: itertools
         for figure in await agi.run(bare_port, agi_port, seconds, numbers):
             report.add(figure)
 
+        await settle(url)
         count = 300 if quick else 3000
 
         def channel(n: int) -> str:
@@ -178,6 +180,7 @@ async def main(args: argparse.Namespace) -> int:
         ):
             section(name)
             try:
+                await settle(url)
                 await body()
             except Exception as exc:
                 if name != "asterisk":

@@ -28,6 +28,7 @@ from bench.common import (
     fmt,
     free_port,
     grant_consents,
+    host_summary,
     legal_campaign,
     rss_mb,
     settle,
@@ -156,6 +157,7 @@ async def main(args: argparse.Namespace) -> int:
     def section(name: str) -> None:
         print(f"\n[{name}]", flush=True)
 
+    print(f"host: {host_summary()}")
     section("engine")
     report.add(engine.run(5_000 if args.quick else 100_000))
 

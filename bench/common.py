@@ -162,3 +162,22 @@ def rss_mb(pid: int) -> float:
 
 def cpu_count() -> int:
     return len(os.sched_getaffinity(0))
+
+
+def host_summary() -> str:
+    """The host settings the tail latencies depend on (see settle())."""
+    vm = Path("/proc/sys/vm")
+
+    def setting(name: str) -> str:
+        try:
+            return (vm / name).read_text().strip()
+        except OSError:
+            return "?"
+
+    background, expire = setting("dirty_background_bytes"), setting("dirty_expire_centisecs")
+    threshold = (
+        f"{int(background) / 2**20:g} MB" if background.isdigit() and background != "0"
+        else f"{setting('dirty_background_ratio')} % of memory"
+    )  # fmt: skip
+    age = f"{int(expire) / 100:g} s" if expire.isdigit() else "?"
+    return f"{cpu_count()} cores; the kernel writes back written pages past {threshold} or after {age}"

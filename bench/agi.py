@@ -9,11 +9,22 @@ for caller ID 0162123456 without token or campaign variable; `200 result=0` to E
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
+import os
 import re
 import time
+from typing import NamedTuple
 
-from bench.common import CALLER_ID, Figure, consumer, percentile
+from bench.common import (
+    CALLER_ID,
+    CpuMeter,
+    Figure,
+    consumer,
+    family_cpu_seconds,
+    percentile,
+    process_cpu_seconds,
+)
 
 ENV_TEMPLATE = (
     "agi_network: yes\nagi_network_script: check?campaign=bench\nagi_request: agi://127.0.0.1/check\n"
@@ -24,6 +35,11 @@ ENV_TEMPLATE = (
     "agi_extension: {number}\nagi_priority: 2\nagi_enhanced: 0.0\nagi_accountcode: \n"
     "agi_threadid: 140000000000000\nagi_arg_1: {number}\n\n"
 )
+
+
+class Server(NamedTuple):
+    port: int
+    pid: int
 
 
 # What Asterisk answers to pbxguard.gates.fastagi.CHANNEL_FACTS for this caller ID and no token.
@@ -111,21 +127,40 @@ async def open_loop(
     return latencies, failed
 
 
-async def run(bare_port: int, gate_port: int, seconds: float, numbers: itertools.count[int]) -> list[Figure]:
+async def run(
+    bare: Server, gate: Server, postgres_pid: int, seconds: float, numbers: itertools.count[int]
+) -> list[Figure]:
     # Warm both (connections, caches, plans) before measuring.
-    await closed_loop(bare_port, 10, 0.5, numbers)
-    await closed_loop(gate_port, 10, 1.0, numbers)
-    bare_rate, _ = await closed_loop(bare_port, 50, seconds, numbers)
-    gate_rate, verdicts = await closed_loop(gate_port, 50, seconds, numbers)
+    await closed_loop(bare.port, 10, 0.5, numbers)
+    await closed_loop(gate.port, 10, 1.0, numbers)
+    client = functools.partial(process_cpu_seconds, os.getpid())
+    meter = CpuMeter(server=functools.partial(process_cpu_seconds, bare.pid), client=client)
+    bare_rate, bare_verdicts = await closed_loop(bare.port, 50, seconds, numbers)
+    bare_cpu = meter.per_operation_us(sum(bare_verdicts.values()))
+    meter = CpuMeter(
+        server=functools.partial(process_cpu_seconds, gate.pid),
+        client=client,
+        postgres=functools.partial(family_cpu_seconds, postgres_pid),
+    )
+    gate_rate, verdicts = await closed_loop(gate.port, 50, seconds, numbers)
+    gate_cpu = meter.per_operation_us(sum(verdicts.values()))
     print(
         f"    bare FastAGI {bare_rate:,.0f} checks/s, pbxguard {gate_rate:,.0f} checks/s, verdicts {verdicts}"
     )
-    latencies, failed = await open_loop(gate_port, 500, seconds, numbers)
+    # Where the two cores went: what a check costs pbxguard against the bare server, and what the
+    # same client and PostgreSQL take beside it.
+    cpu_note = (
+        f"CPU per check: pbxguard {gate_cpu['server']:,.0f} µs, PostgreSQL {gate_cpu['postgres']:,.0f},"
+        f" client {gate_cpu['client']:,.0f}; bare server {bare_cpu['server']:,.0f},"
+        f" client {bare_cpu['client']:,.0f}"
+    )
+    print(f"    {cpu_note}")
+    latencies, failed = await open_loop(gate.port, 500, seconds, numbers)
     p50, p99 = percentile(latencies, 50) * 1000, percentile(latencies, 99) * 1000
     ratio = gate_rate / bare_rate
     figures = [
         Figure("agi_ratio", ratio, "", baseline=f"bare FastAGI server {bare_rate:,.0f}/s (50 clients)",
-               target=">= 0.5", met=ratio >= 0.5, note=f"(pbxguard {gate_rate:,.0f} decisions/s)"),
+               target=">= 0.5", met=ratio >= 0.5, note=f"(pbxguard {gate_rate:,.0f} decisions/s; {cpu_note})"),
     ]  # fmt: skip
     if failed > len(latencies) // 100:
         # A refused check has no latency worth a percentile: the figure is not measurable.

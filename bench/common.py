@@ -17,7 +17,7 @@ from pathlib import Path
 
 import asyncpg
 
-from pbxguard.ledger.pgcluster import LocalCluster
+from pbxguard.ledger.pgcluster import LocalCluster, child_pids
 from pbxguard.ledger.store import Ledger
 from pbxguard.policy.model import Campaign
 
@@ -43,6 +43,9 @@ class Report:
     # Seconds of the cheapest durable write, one at a time (bench/ledger.py): what any decision that
     # is committed before its call goes out adds at the least.
     durable_commit_s: float | None = None
+    # Seconds of one whole reservation (the ledger side of a decision), one at a time: what a gate
+    # adds to a call at the least, whatever its own code costs.
+    reservation_s: float | None = None
 
     def add(self, figure: Figure) -> None:
         self.figures.append(figure)
@@ -158,6 +161,52 @@ def rss_mb(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     raise RuntimeError("no VmRSS")
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    """/proc/PID/stat from the state on (the name before it may hold blanks); None once it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat[stat.rindex(")") + 2 :].split()
+
+
+def process_cpu_seconds(pid: int, *, with_waited_children: bool = False) -> float:
+    """User and system CPU the process has used, all its threads; 0 once it is gone.
+
+    `with_waited_children` adds what its children that have ended used (a postmaster's backends
+    that closed): without it, a group's CPU would shrink when one of its processes exits."""
+    fields = _stat_fields(pid)
+    if fields is None:
+        return 0.0
+    ticks = int(fields[11]) + int(fields[12])
+    if with_waited_children:
+        ticks += int(fields[13]) + int(fields[14])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def family_cpu_seconds(parent: int) -> float:
+    """A process and its direct children: a postmaster and its backends, writers and workers."""
+    return process_cpu_seconds(parent, with_waited_children=True) + sum(
+        process_cpu_seconds(child) for child in child_pids(parent)
+    )
+
+
+class CpuMeter:
+    """CPU per operation of named processes over one measurement: on a machine whose cores the
+    load's own client, the daemon and PostgreSQL share, a throughput says little without it."""
+
+    def __init__(self, **readers: Callable[[], float]) -> None:
+        self._readers = readers
+        self._start = self._read()
+
+    def _read(self) -> dict[str, float]:
+        return {name: read() for name, read in self._readers.items()}
+
+    def per_operation_us(self, operations: int) -> dict[str, float]:
+        end = self._read()
+        return {name: (end[name] - self._start[name]) / max(operations, 1) * 1e6 for name in end}
 
 
 def cpu_count() -> int:

@@ -43,11 +43,13 @@ async def template_request(ledger: Ledger) -> DecideRequest:
 FLOOR_TABLE = "bench_durable_floor"
 
 
-async def run(url: str, per_worker_1: int) -> tuple[list[Figure], float | None]:
-    """The ledger_ratio figure, and the seconds of one durable commit one at a time."""
+async def run(url: str, per_worker_1: int) -> tuple[list[Figure], float | None, float | None]:
+    """The ledger_ratio figure, and the seconds of one durable commit and of one reservation, one at
+    a time."""
     ledger = await Ledger.connect(url, min_size=32, max_size=32)
     figures = []
     floor_s: float | None = None
+    reservation_s: float | None = None
     floor_note = ""
     try:
         # Consumers who consented, so that every reservation takes the allowed path and writes both
@@ -110,6 +112,8 @@ async def run(url: str, per_worker_1: int) -> tuple[list[Figure], float | None]:
                     flush=True,
                 )
             measured = await rate(repeated(reserve, per_worker), concurrency, per_worker)
+            if concurrency == 1:
+                reservation_s = 1 / measured
             ratios[concurrency] = (measured / baseline, measured, baseline)
             print(
                 f"    concurrency {concurrency}: SELECT 1 {baseline:,.0f}/s, reserve {measured:,.0f}/s, "
@@ -134,4 +138,4 @@ async def run(url: str, per_worker_1: int) -> tuple[list[Figure], float | None]:
             async with ledger.pool.acquire() as conn:
                 await conn.execute(f"DROP TABLE IF EXISTS {FLOOR_TABLE}")
         await ledger.close()
-    return figures, floor_s
+    return figures, floor_s, reservation_s

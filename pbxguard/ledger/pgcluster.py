@@ -237,7 +237,7 @@ class LocalCluster:
         pid = self.postmaster_pid()
         if pid is None:
             return
-        children = _children(pid)
+        children = child_pids(pid)
         for victim in [pid, *children]:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(victim, signal.SIGKILL)
@@ -252,7 +252,8 @@ class LocalCluster:
             shutil.rmtree(self.root, ignore_errors=True)
 
 
-def _children(pid: int) -> list[int]:
+def child_pids(pid: int) -> list[int]:
+    """The processes whose parent is `pid` (a postmaster's backends, writers and workers)."""
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():

@@ -1,9 +1,10 @@
 """agi_ratio and agi_p99_ms: FastAGI `check` decisions against a bare FastAGI server.
 
-The clients speak the protocol as Asterisk does: the agi_* environment, then one reply per command
-until the server hangs up: to the GET FULL VARIABLE of the channel facts, what Asterisk expands it to
-for caller ID 0162123456 without token or campaign variable; `200 result=0` to EXEC MSet (and
-`200 result=1` to a SET VARIABLE, should the gate fall back to it).
+The clients speak the protocol as Asterisk does with the shipped dialplan: the agi_* environment,
+whose third argument holds the channel facts as Asterisk expands them for caller ID 0162123456
+without token or campaign variable, then one reply per command until the server hangs up:
+`200 result=0` to EXEC MSet (and, should the gate fall back to them, what Asterisk answers to the
+GET FULL VARIABLE of the same facts and `200 result=1` to a SET VARIABLE).
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ ENV_TEMPLATE = (
     "agi_calleridname: bench\nagi_callingpres: 0\nagi_callingani2: 0\nagi_callington: 0\n"
     "agi_callingtns: 0\nagi_dnid: unknown\nagi_rdnis: unknown\nagi_context: pbxguard-outbound\n"
     "agi_extension: {number}\nagi_priority: 2\nagi_enhanced: 0.0\nagi_accountcode: \n"
-    "agi_threadid: 140000000000000\nagi_arg_1: {number}\n\n"
+    "agi_threadid: 140000000000000\nagi_arg_1: {number}\nagi_arg_2: \n"
+    f"agi_arg_3: {len(CALLER_ID)}:0:0:{CALLER_ID}\n\n"
 )
 
 

@@ -1,6 +1,6 @@
-"""A bare FastAGI server that answers at once: the same command exchange as pbxguard's `check`
-(the channel facts read in one command, the four variables set in one), with a constant verdict and no
-decision.  The baseline of agi_ratio."""
+"""A bare FastAGI server that answers at once: the same command exchange as pbxguard's `check` when
+the dialplan hands it the channel facts (the four variables set in one command), with a constant
+verdict and no decision.  The baseline of agi_ratio."""
 
 from __future__ import annotations
 
@@ -8,11 +8,7 @@ import asyncio
 import contextlib
 import sys
 
-from pbxguard.gates.fastagi import CHANNEL_FACTS
-from pbxguard.protocols.agi import quote_argument
-
 COMMANDS = (
-    f"GET FULL VARIABLE {quote_argument(CHANNEL_FACTS)}\n".encode(),
     b'EXEC "MSet" "PBXGUARD_REASONS=,PBXGUARD_NEXT=,'
     b'PBXGUARD_DECISION=00000000-0000-0000-0000-000000000000,PBXGUARD_VERDICT=ALLOW"\n',
 )

@@ -55,12 +55,15 @@ def expand(expression: str, lookup: Callable[[str], str], *, has_len: bool = Tru
     return "".join(out)
 
 
-def mset_pairs(data: str) -> list[tuple[str, str]]:
-    """The (name, value) pairs ``MSet(data)`` sets, in order."""
-    pairs: list[tuple[str, str]] = []
+def application_arguments(data: str) -> list[str]:
+    """A dialplan application's arguments as Asterisk separates them (app.c,
+    __ast_app_separate_args with remove_chars): commas split except inside parentheses, brackets or
+    double quotes; double quotes are dropped; a backslash is dropped and the next character kept."""
+    args: list[str] = []
     current: list[str] = []
-    escaped = quoted = False
-    for char in data + ",":
+    paren = bracket = 0
+    quoted = escaped = False
+    for char in data:
         if escaped:
             current.append(char)
             escaped = False
@@ -68,13 +71,31 @@ def mset_pairs(data: str) -> list[tuple[str, str]]:
             escaped = True
         elif char == '"':
             quoted = not quoted
-        elif char == "," and not quoted:
-            name, sep, value = "".join(current).partition("=")
-            if sep:
-                pairs.append((name, value))
+        elif char == "," and not (paren or bracket or quoted):
+            args.append("".join(current))
             current = []
         else:
+            if char == "(":
+                paren += 1
+            elif char == ")" and paren:
+                paren -= 1
+            elif char == "[":
+                bracket += 1
+            elif char == "]" and bracket:
+                bracket -= 1
             current.append(char)
+    args.append("".join(current))
+    return args
+
+
+def mset_pairs(data: str) -> list[tuple[str, str]]:
+    """The (name, value) pairs ``MSet(data)`` sets, in order: its arguments as any application's
+    (pbx_variables.c, AST_STANDARD_APP_ARGS), each cut at its first ``=``."""
+    pairs: list[tuple[str, str]] = []
+    for argument in application_arguments(data):
+        name, sep, value = argument.partition("=")
+        if sep:
+            pairs.append((name, value))
     return pairs
 
 

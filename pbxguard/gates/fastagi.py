@@ -58,6 +58,7 @@ from pbxguard.protocols.agi import (
 )
 
 __all__ = [
+    "ARGUMENT_FACTS",
     "CHANNEL_FACTS",
     "SCRIPTS",
     "AgiRequest",
@@ -65,6 +66,7 @@ __all__ = [
     "caller_id_from_env",
     "mset_data",
     "parse_request",
+    "split_argument_facts",
     "split_channel_facts",
     "unavailable_decision",
     "verdict_variables",
@@ -87,6 +89,15 @@ DISPLACE_AFTER: Final = 1.0
 CHANNEL_FACTS: Final = (
     "${LEN(${CALLERID(num)})}:${LEN(${PBXGUARD_TOKEN})}:${CALLERID(num)}${PBXGUARD_TOKEN}${PBXGUARD_CAMPAIGN}"
 )
+# The same facts, given by the dialplan as the check's third argument: Asterisk expands them when it
+# starts the AGI, so the check needs no command before its answer. Asterisk then splits the
+# application's arguments, which cuts at commas and drops double quotes and escaping backslashes: a
+# value holding one comes out shorter than its LEN, so all three lengths are sent and their sum must
+# be exactly what arrived (split_argument_facts), else the gate reads the channel as above.
+ARGUMENT_FACTS: Final = (
+    "${LEN(${CALLERID(num)})}:${LEN(${PBXGUARD_TOKEN})}:${LEN(${PBXGUARD_CAMPAIGN})}:"
+    "${CALLERID(num)}${PBXGUARD_TOKEN}${PBXGUARD_CAMPAIGN}"
+)
 # Characters a verdict variable may hold to be set through MSet: none of them means anything to
 # Asterisk's argument splitter (which also trims blanks) or to AGIEXECFULL's substitution, except the
 # comma, which is escaped. Reason codes, ISO 8601 instants and decision ids need nothing else.
@@ -106,6 +117,7 @@ class AgiRequest:
     call_key: str | None
     env_caller_id: str  # agi_callerid with Asterisk's "unknown" placeholder removed
     channel: str
+    facts: str | None = None  # ARG3 of check: what Asterisk made of ARGUMENT_FACTS, if given
 
 
 def caller_id_from_env(env: Environment) -> str:
@@ -137,6 +149,7 @@ def parse_request(env: Environment) -> AgiRequest:
         call_key=variables.get("agi_uniqueid") or None,
         env_caller_id=caller_id_from_env(env),
         channel=variables.get("agi_channel", ""),
+        facts=args[2] if script == "check" and len(args) > 2 else None,
     )
 
 
@@ -175,6 +188,11 @@ def split_channel_facts(value: str) -> tuple[str, str, str] | None:
     token_end = caller_end + int(token_len)
     if token_end > len(raw):
         return None
+    return _cut_facts(raw, caller_end, token_end)
+
+
+def _cut_facts(raw: bytes, caller_end: int, token_end: int) -> tuple[str, str, str] | None:
+    """(caller ID, token, campaign) cut from their bytes; None where a cut splits a character."""
     try:
         return (
             raw[:caller_end].decode("utf-8"),
@@ -183,6 +201,26 @@ def split_channel_facts(value: str) -> tuple[str, str, str] | None:
         )
     except UnicodeDecodeError:
         return None
+
+
+def split_argument_facts(value: str) -> tuple[str, str, str] | None:
+    """(caller ID, token, campaign) from what reached the check of :data:`ARGUMENT_FACTS`.
+
+    None, and the gate then reads the channel, unless the three lengths add up to exactly the bytes
+    that arrived: Asterisk's argument splitter shortens a value holding a comma, a double quote or a
+    backslash, and a parenthesis or a byte that was not UTF-8 spoil the lengths as they do for
+    :func:`split_channel_facts`.
+    """
+    if "(" in value or ")" in value or "\ufffd" in value:
+        return None
+    parts = value.split(":", 3)
+    if len(parts) != 4 or not all(part.isdigit() for part in parts[:3]):
+        return None
+    caller_len, token_len, campaign_len = (int(part) for part in parts[:3])
+    raw = parts[3].encode("utf-8")
+    if caller_len + token_len + campaign_len != len(raw):
+        return None
+    return _cut_facts(raw, caller_len, caller_len + token_len)
 
 
 def mset_data(variables: list[tuple[str, str]]) -> str | None:
@@ -574,9 +612,14 @@ class FastAgiGate:
     async def _check(
         self, conn: _AgiConnection, request: AgiRequest, answer_by: float, deadline: float
     ) -> None:
-        caller_id, token, channel_campaign = await self._channel_facts(
-            conn, need_campaign=request.campaign is None
-        )
+        given = split_argument_facts(request.facts) if request.facts is not None else None
+        caller_id: str | None
+        if given is not None:
+            caller_id, token, channel_campaign = given
+        else:
+            caller_id, token, channel_campaign = await self._channel_facts(
+                conn, need_campaign=request.campaign is None
+            )
         campaign = request.campaign if request.campaign is not None else channel_campaign.strip()
         attempt = CallAttempt(
             number=request.number or "",

@@ -201,7 +201,7 @@ def agi_commands(events: list[Message], uniqueid: str) -> list[str]:
     ]
 
 
-async def test_a_check_is_two_agi_commands_and_keeps_commas_in_reasons(
+async def test_a_check_is_one_agi_command_and_keeps_commas_in_reasons(
     ami: AmiClient, agi_gate: FastAgiGate
 ) -> None:
     # Two rules broken at once: the reasons hold a comma, which MSet must not take for a separator.
@@ -215,8 +215,39 @@ async def test_a_check_is_two_agi_commands_and_keeps_commas_in_reasons(
     reasons = (variable_value(ami.events, leg, "PBXGUARD_REASONS") or "").split(",")
     assert {"NO_CONSENT", "CALLER_ID_MOBILE"} <= set(reasons)
     assert variable_value(ami.events, leg, "PBXGUARD_VERDICT") == "BLOCK"
+    # The caller ID came as the AGI's third argument (CALLER_ID_MOBILE above says it was read right):
+    # the answer is the only command.
+    commands = agi_commands(ami.events, leg)
+    assert [c.split(" ")[0] for c in commands] == ["EXEC"], commands
+
+
+# (what the Originate sends, what the channel then holds): AMI splits a Variable header as the
+# dialplan splits arguments, so the quote and the backslash reach the channel only escaped.
+SPLITTER_ALTERED = [('ab\\"cd', 'ab"cd'), ("ab\\\\cd", "ab\\cd")]
+
+
+@pytest.mark.parametrize(("sent", "token"), SPLITTER_ALTERED, ids=["quote", "backslash"])
+async def test_a_value_the_argument_splitter_alters_is_read_from_the_channel(
+    ami: AmiClient, agi_gate: FastAgiGate, ledger: Ledger, sent: str, token: str
+) -> None:
+    # Asterisk drops the quote or the backslash from the AGI's arguments: the lengths no longer add
+    # up, so the gate reads the channel (one GET) rather than take values cut in the wrong place.
+    leg = await finished_call(
+        ami,
+        "0612345678",
+        call_id=call_id("split"),
+        caller_id=NPV,
+        variables={"__PBXGUARD_CAMPAIGN": "c1", "__PBXGUARD_TOKEN": sent},
+    )
+    # VarSet reports a value C-escaped (ast_escape_c): the channel holds the quote or the backslash.
+    assert variable_value(ami.events, leg, "__PBXGUARD_TOKEN") == token.replace("\\", "\\\\").replace(
+        '"', '\\"'
+    )
     commands = agi_commands(ami.events, leg)
     assert [c.split(" ")[0] for c in commands] == ["GET", "EXEC"], commands
+    # Not a decision id: the call is decided and counted as any other, with the caller ID intact.
+    assert variable_value(ami.events, leg, "PBXGUARD_VERDICT") == "ALLOW"
+    assert await attempts(ledger) == 1
 
 
 async def test_an_asterisk_without_len_still_gets_its_check(

@@ -14,21 +14,24 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, date, datetime
+from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import pytest
-from agi_channel import NPV, Channel, agi_arguments, expand, mset_pairs
+from agi_channel import NPV, Channel, agi_arguments, application_arguments, expand, mset_pairs
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from pbxguard.config import AgiGateConfig, Config, GatesConfig, Mode
 from pbxguard.gates.fastagi import (
+    ARGUMENT_FACTS,
     CHANNEL_FACTS,
     AgiRequest,
     FastAgiGate,
     _AgiConnection,
     mset_data,
     parse_request,
+    split_argument_facts,
     split_channel_facts,
     unavailable_decision,
     verdict_variables,
@@ -262,6 +265,48 @@ def test_channel_facts_that_do_not_parse(value: str) -> None:
     assert split_channel_facts(value) is None
 
 
+def facts_argument(channel: Channel, head: str = f"{NUMBER},c1") -> str:
+    """The check's third argument as the shipped dialplan has Asterisk build it for ``channel``."""
+    return application_arguments(f"{head},{channel.expand(ARGUMENT_FACTS)}")[2]
+
+
+_ALTERED_OR_UNTRUSTED = '()"\\,[]\ufffd'
+
+
+@given(caller_id=st.text(), token=st.text(), campaign=st.text())
+def test_argument_facts_are_exact_or_refused(caller_id: str, token: str, campaign: str) -> None:
+    channel = Channel(variables={"PBXGUARD_TOKEN": token, "PBXGUARD_CAMPAIGN": campaign}, caller_id=caller_id)
+    assume(all(not ("\ud800" <= c <= "\udfff") for c in caller_id + token + campaign))
+    split = split_argument_facts(facts_argument(channel))
+    # Never values cut in the wrong place: what Asterisk's splitter altered is refused, and the gate
+    # reads the channel instead.
+    assert split in (None, (caller_id, token, campaign))
+    if not any(c in _ALTERED_OR_UNTRUSTED for c in caller_id + token + campaign):
+        assert split == (caller_id, token, campaign)
+
+
+@pytest.mark.parametrize(
+    ("token", "why"),
+    [
+        ('ab"cd', "the splitter drops the quote"),
+        ("ab\\cd", "the splitter drops the backslash"),
+        ("ab,cd", "the splitter cuts at the comma"),
+        ("ab(cd", "a parenthesis may end LEN early"),
+    ],
+)
+def test_argument_facts_a_splitter_altered_are_refused(token: str, why: str) -> None:
+    channel = Channel(variables={"PBXGUARD_TOKEN": token, "PBXGUARD_CAMPAIGN": "c1"})
+    assert split_argument_facts(facts_argument(channel)) is None, why
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["", ":::", "10:0:0", "10:0:0:016212345", "10:0:2:0162123456c1x", "x:0:0:0", "-1:0:0:", "1:0:0:\ufffd"],
+)
+def test_argument_facts_that_do_not_parse(value: str) -> None:
+    assert split_argument_facts(value) is None
+
+
 def test_verdict_variables_go_through_one_mset_unchanged() -> None:
     for decision in (
         _decision(),
@@ -309,6 +354,29 @@ async def test_allowed_call_sets_variables(gate: FastAgiGate, ledger: Ledger) ->
     assert channel.commands == [f'GET FULL VARIABLE "{CHANNEL_FACTS}"', channel.commands[1]]
     assert channel.commands[1].startswith('EXEC "MSet" "PBXGUARD_REASONS=,')
     assert channel.commands[1].endswith(',PBXGUARD_VERDICT=ALLOW"')
+    assert await attempts(ledger) == 1
+
+
+async def test_facts_given_as_the_third_argument_spare_the_read(gate: FastAgiGate, ledger: Ledger) -> None:
+    # The caller ID Asterisk will present is a mobile number, while agi_callerid says otherwise: the
+    # argument, like CALLERID(num) read from the channel, is what counts.
+    channel = Channel(caller_id="0611111111")
+    args = (NUMBER, "c1", facts_argument(channel))
+    await fake_call(gate.port, channel, env=environment(args=args, callerid=NPV))
+    assert [c.split(" ")[0] for c in channel.commands] == ["EXEC"]
+    assert channel.variables["PBXGUARD_VERDICT"] == "BLOCK"
+    assert "CALLER_ID_MOBILE" in channel.variables["PBXGUARD_REASONS"].split(",")
+    assert await attempts(ledger) == 0
+
+
+async def test_facts_argument_that_does_not_add_up_is_read_from_the_channel(
+    gate: FastAgiGate, ledger: Ledger
+) -> None:
+    channel = Channel(variables={"PBXGUARD_TOKEN": 'not"a-token'})
+    args = (NUMBER, "c1", facts_argument(channel))
+    await fake_call(gate.port, channel, env=environment(args=args))
+    assert [c.split(" ")[0] for c in channel.commands] == ["GET", "EXEC"]
+    assert channel.variables["PBXGUARD_VERDICT"] == "ALLOW"
     assert await attempts(ledger) == 1
 
 
@@ -821,3 +889,13 @@ async def test_stop_with_open_connections_is_prompt(guard: Guard) -> None:
 def test_config_defaults() -> None:
     assert AgiGateConfig().max_connections == 512
     assert AgiGateConfig().timeout_ms == 2000
+
+
+def test_the_shipped_dialplan_hands_the_check_its_facts() -> None:
+    # The dialplan and the gate must spell the facts alike, or every check would read the channel.
+    dialplan = Path(__file__).resolve().parents[2] / "asterisk-conf" / "extensions_pbxguard.conf"
+    checks = [
+        line for line in dialplan.read_text(encoding="utf-8").splitlines() if "AGI(${agi}/check," in line
+    ]
+    assert len(checks) == 1
+    assert checks[0].rstrip().endswith(f"AGI(${{agi}}/check,${{ARG1}},${{ARG2}},{ARGUMENT_FACTS})")

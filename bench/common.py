@@ -57,7 +57,8 @@ def fmt(value: float | None) -> str:
         return "n/a"
     if value >= 100:
         return f"{value:,.0f}"
-    return f"{value:.3g}"
+    # Four digits from 10 up: three would print 10.02 as "10", beside a target of <= 10 not met.
+    return f"{value:.4g}" if value >= 10 else f"{value:.3g}"
 
 
 def percentile(samples: list[float], q: float) -> float:

@@ -181,7 +181,7 @@ def split_channel_facts(value: str) -> tuple[str, str, str] | None:
         return None
     caller_len, sep1, rest = value.partition(":")
     token_len, sep2, rest = rest.partition(":")
-    if not (sep1 and sep2 and caller_len.isdigit() and token_len.isdigit()):
+    if not (sep1 and sep2 and _is_length(caller_len) and _is_length(token_len)):
         return None
     raw = rest.encode("utf-8")
     caller_end = int(caller_len)
@@ -189,6 +189,11 @@ def split_channel_facts(value: str) -> tuple[str, str, str] | None:
     if token_end > len(raw):
         return None
     return _cut_facts(raw, caller_end, token_end)
+
+
+def _is_length(text: str) -> bool:
+    # ASCII only: str.isdigit() also takes "²", which int() then refuses.
+    return text.isascii() and text.isdigit()
 
 
 def _cut_facts(raw: bytes, caller_end: int, token_end: int) -> tuple[str, str, str] | None:
@@ -214,7 +219,7 @@ def split_argument_facts(value: str) -> tuple[str, str, str] | None:
     if "(" in value or ")" in value or "\ufffd" in value:
         return None
     parts = value.split(":", 3)
-    if len(parts) != 4 or not all(part.isdigit() for part in parts[:3]):
+    if len(parts) != 4 or not all(_is_length(part) for part in parts[:3]):
         return None
     caller_len, token_len, campaign_len = (int(part) for part in parts[:3])
     raw = parts[3].encode("utf-8")

@@ -259,6 +259,7 @@ def test_channel_facts_are_cut_back_exactly_as_asterisk_expands_them(
         # with offset 0, so the lengths describe another cut than the values.
         "10:0:0612345678):0c1",
         "1:0:(c1",
+        "\u00b2:0:0162123456",  # a digit to str.isdigit(), not to int()
     ],
 )
 def test_channel_facts_that_do_not_parse(value: str) -> None:
@@ -301,7 +302,17 @@ def test_argument_facts_a_splitter_altered_are_refused(token: str, why: str) -> 
 
 @pytest.mark.parametrize(
     "value",
-    ["", ":::", "10:0:0", "10:0:0:016212345", "10:0:2:0162123456c1x", "x:0:0:0", "-1:0:0:", "1:0:0:\ufffd"],
+    [
+        "",
+        ":::",
+        "10:0:0",
+        "10:0:0:016212345",
+        "10:0:2:0162123456c1x",
+        "x:0:0:0",
+        "-1:0:0:",
+        "1:0:0:\ufffd",
+        "\u00b2:0:0:ab",
+    ],
 )
 def test_argument_facts_that_do_not_parse(value: str) -> None:
     assert split_argument_facts(value) is None

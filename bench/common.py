@@ -17,7 +17,7 @@ from pathlib import Path
 
 import asyncpg
 
-from pbxguard.ledger.pgcluster import LocalCluster, child_pids
+from pbxguard.ledger.pgcluster import LocalCluster, child_pids, proc_stat_fields
 from pbxguard.ledger.store import Ledger
 from pbxguard.policy.model import Campaign
 
@@ -164,21 +164,12 @@ def rss_mb(pid: int) -> float:
     raise RuntimeError("no VmRSS")
 
 
-def _stat_fields(pid: int) -> list[str] | None:
-    """/proc/PID/stat from the state on (the name before it may hold blanks); None once it is gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return stat[stat.rindex(")") + 2 :].split()
-
-
 def process_cpu_seconds(pid: int, *, with_waited_children: bool = False) -> float:
     """User and system CPU the process has used, all its threads; 0 once it is gone.
 
     `with_waited_children` adds what its children that have ended used (a postmaster's backends
     that closed): without it, a group's CPU would shrink when one of its processes exits."""
-    fields = _stat_fields(pid)
+    fields = proc_stat_fields(pid)
     if fields is None:
         return 0.0
     ticks = int(fields[11]) + int(fields[12])

@@ -252,19 +252,26 @@ class LocalCluster:
             shutil.rmtree(self.root, ignore_errors=True)
 
 
+def proc_stat_fields(pid: int) -> list[str] | None:
+    """/proc/PID/stat from its state on (field 3 of proc(5) is index 0); None once the process is gone.
+
+    The command name before it may hold spaces and parentheses: the fields start after the last ')'.
+    """
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[-1].split()
+
+
 def child_pids(pid: int) -> list[int]:
     """The processes whose parent is `pid` (a postmaster's backends, writers and workers)."""
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        # The command name may hold spaces and parentheses: the ppid is the 2nd field after the last ')'.
-        fields = stat.rsplit(")", 1)[-1].split()
-        if len(fields) > 1 and fields[1] == str(pid):
+        fields = proc_stat_fields(int(entry.name))
+        if fields is not None and len(fields) > 1 and fields[1] == str(pid):
             found.append(int(entry.name))
     return found
 

@@ -14,11 +14,11 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, date, datetime
-from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import pytest
 from agi_channel import NPV, Channel, agi_arguments, application_arguments, expand, mset_pairs
+from asterisk_harness import CONF_DIR
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
@@ -904,7 +904,7 @@ def test_config_defaults() -> None:
 
 def test_the_shipped_dialplan_hands_the_check_its_facts() -> None:
     # The dialplan and the gate must spell the facts alike, or every check would read the channel.
-    dialplan = Path(__file__).resolve().parents[2] / "asterisk-conf" / "extensions_pbxguard.conf"
+    dialplan = CONF_DIR / "extensions_pbxguard.conf"
     checks = [
         line for line in dialplan.read_text(encoding="utf-8").splitlines() if "AGI(${agi}/check," in line
     ]

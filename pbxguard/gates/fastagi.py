@@ -169,6 +169,12 @@ def verdict_variables(decision: Decision) -> list[tuple[str, str]]:
     ]
 
 
+def _lengths_spoiled(value: str) -> bool:
+    """A parenthesis may have ended ``LEN(...)`` early; U+FFFD stands for a byte that was not UTF-8,
+    three bytes here for Asterisk's one: either way the lengths no longer describe the values."""
+    return "(" in value or ")" in value or "\ufffd" in value
+
+
 def split_channel_facts(value: str) -> tuple[str, str, str] | None:
     """(caller ID, token, campaign) from what Asterisk made of :data:`CHANNEL_FACTS`.
 
@@ -177,7 +183,7 @@ def split_channel_facts(value: str) -> tuple[str, str, str] | None:
     value may have ended ``LEN(...)`` early and turned the rest into an offset; a byte that was not
     valid UTF-8 reached us as U+FFFD, three bytes for Asterisk's one.
     """
-    if "(" in value or ")" in value or "\ufffd" in value:
+    if _lengths_spoiled(value):
         return None
     caller_len, sep1, rest = value.partition(":")
     token_len, sep2, rest = rest.partition(":")
@@ -216,7 +222,7 @@ def split_argument_facts(value: str) -> tuple[str, str, str] | None:
     backslash, and a parenthesis or a byte that was not UTF-8 spoil the lengths as they do for
     :func:`split_channel_facts`.
     """
-    if "(" in value or ")" in value or "\ufffd" in value:
+    if _lengths_spoiled(value):
         return None
     parts = value.split(":", 3)
     if len(parts) != 4 or not all(_is_length(part) for part in parts[:3]):
